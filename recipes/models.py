@@ -1,0 +1,225 @@
+"""Loading the tokenizer and the four PPO models (policy, reference, value, reward) as a recipe describes them."""
+
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftConfig, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from trl import get_peft_config
+
+from recipes.config import ModelArguments
+from recipes.errors import RecipeError
+from recipes.model_cache import resolve_model_path
+
+
+@dataclass
+class PPOModels:
+    """What the PPO trainer needs. `reference` is None when the LoRA policy with its adapter disabled serves as
+    the reference; `policy_peft_config` is applied by the trainer."""
+
+    policy: PreTrainedModel
+    reference: PreTrainedModel | None
+    value: PreTrainedModel
+    reward: PreTrainedModel
+    policy_peft_config: PeftConfig | None
+
+
+def torch_dtype(name: str | None) -> torch.dtype | str | None:
+    """'float32' → torch.float32; 'auto' and None pass through."""
+    if name in (None, "auto"):
+        return name
+    return getattr(torch, name)
+
+
+def quantization_config(mode: str, key: str, compute_dtype: str | None) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for `mode` ('none', '8bit', '4bit'; nf4 for 4-bit). `key` names the recipe field for
+    the error when bitsandbytes is missing."""
+    if mode == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise RecipeError(
+            f"{key}: {mode} loading needs the bitsandbytes package (pip install bitsandbytes), which is not installed"
+        ) from error
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = torch_dtype(compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+    )
+
+
+def policy_quantization(model_args: ModelArguments) -> str:
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise RecipeError("load_in_4bit and load_in_8bit are both set: choose one")
+    return "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else "none"
+
+
+def _from_pretrained(auto_class, name_or_path: str, key: str, **kwargs) -> PreTrainedModel:
+    path = resolve_model_path(name_or_path)
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except OSError as error:
+        raise RecipeError(
+            f"{key}: cannot load '{name_or_path}': not a model folder here, no prepared offline copy "
+            "(python scripts/prepare_model.py), and the hub did not provide it"
+        ) from error
+
+
+def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer, padding on the left (PPO appends responses to the prompts), with a pad token
+    distinct from EOS: TRL's trainer treats every pad id in a sequence as padding, so pad == EOS would mask the
+    EOS token out of the loss and the reward."""
+    path = resolve_model_path(model_args.model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", revision=model_args.model_revision)
+    except OSError as error:
+        raise RecipeError(f"model_name_or_path: cannot load a tokenizer from '{model_args.model_name_or_path}'") from error
+    if model_args.pad_token is not None:
+        if model_args.pad_token not in tokenizer.get_vocab():
+            raise RecipeError(f"pad_token: '{model_args.pad_token}' is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = model_args.pad_token
+    elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = _unused_special_token(tokenizer)
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise RecipeError("pad_token: the pad token must differ from the EOS token for PPO")
+    return tokenizer
+
+
+def _unused_special_token(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A special token that is neither EOS nor BOS nor used by the chat template, so it never occurs in prompts
+    or responses."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    reserved = {tokenizer.eos_token, tokenizer.bos_token}
+    for token in [tokenizer.unk_token, *tokenizer.all_special_tokens]:
+        if token and token not in reserved and token not in template:
+            return token
+    raise RecipeError(
+        "pad_token: the tokenizer has no pad token distinct from EOS and no spare special token; "
+        "set pad_token to a token of its vocabulary that never occurs in the data"
+    )
+
+
+def load_policy(model_args: ModelArguments) -> PreTrainedModel:
+    quantization = quantization_config(policy_quantization(model_args), "load_in_4bit/load_in_8bit", model_args.dtype)
+    return _from_pretrained(
+        AutoModelForCausalLM,
+        model_args.model_name_or_path,
+        "model_name_or_path",
+        **_model_kwargs(model_args, quantization, revision=model_args.model_revision),
+    )
+
+
+def reference_mode(model_args: ModelArguments) -> str:
+    """'adapter_disabled' or 'separate', with 'auto' resolved."""
+    if model_args.reference == "auto":
+        return "adapter_disabled" if model_args.use_peft else "separate"
+    if model_args.reference == "adapter_disabled" and not model_args.use_peft:
+        raise RecipeError("reference: 'adapter_disabled' needs a LoRA policy (use_peft: true); use 'separate'")
+    return model_args.reference
+
+
+def load_reference_model(model_args: ModelArguments) -> PreTrainedModel | None:
+    """None when the policy with its adapter disabled is the reference; otherwise a frozen separate model
+    (default: the policy's base), in full precision, 8-bit or 4-bit."""
+    if reference_mode(model_args) == "adapter_disabled":
+        return None
+    name = model_args.ref_model_name_or_path or model_args.model_name_or_path
+    quantization = quantization_config(model_args.ref_quantization, "ref_quantization", model_args.dtype)
+    reference = _from_pretrained(
+        AutoModelForCausalLM, name, "ref_model_name_or_path", **_model_kwargs(model_args, quantization)
+    )
+    return reference.eval().requires_grad_(False)
+
+
+def load_reward_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A sequence-classification model with exactly one label, frozen."""
+    name = model_args.reward_model_name_or_path
+    if not name:
+        raise RecipeError("reward_model_name_or_path is not set: name a reward model folder or hub id")
+    _check_single_label(name, "reward_model_name_or_path")
+    quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args.dtype)
+    reward = _from_pretrained(
+        AutoModelForSequenceClassification, name, "reward_model_name_or_path", **_model_kwargs(model_args, quantization)
+    )
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    return reward.eval().requires_grad_(False)
+
+
+def load_value_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The critic: a one-label sequence-classification model initialised from the reward model (its score head
+    included) or from the policy's base (a fresh score head); trained in full, or with LoRA when
+    `value_use_peft` (the score head then trains in full)."""
+    if model_args.value_model_init == "reward_model":
+        name, key = model_args.reward_model_name_or_path, "reward_model_name_or_path"
+        if not name:
+            raise RecipeError("reward_model_name_or_path is not set (value_model_init: reward_model needs it)")
+        _check_single_label(name, key)
+    else:
+        name, key = model_args.model_name_or_path, "model_name_or_path"
+    value = _from_pretrained(
+        AutoModelForSequenceClassification, name, key, num_labels=1, **_model_kwargs(model_args, None)
+    )
+    value.config.pad_token_id = tokenizer.pad_token_id
+    if model_args.value_use_peft:
+        value = get_peft_model(value, _value_lora_config(model_args))
+    return value
+
+
+def _value_lora_config(model_args: ModelArguments) -> LoraConfig:
+    return LoraConfig(
+        task_type="SEQ_CLS",
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules,
+        bias="none",
+    )
+
+
+def _check_single_label(name: str, key: str) -> None:
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name))
+    except OSError as error:
+        raise RecipeError(f"{key}: cannot load '{name}': no such model folder here, and the hub did not provide it") from error
+    if config.num_labels != 1:
+        raise RecipeError(
+            f"{key}: '{name}' has {config.num_labels} labels; PPO needs a reward model with one score (num_labels=1)"
+        )
+
+
+def _model_kwargs(model_args: ModelArguments, quantization: BitsAndBytesConfig | None, revision="main") -> dict:
+    """`from_pretrained` arguments; the policy's dtype and attention implementation apply to all four models."""
+    kwargs = {
+        "revision": revision,
+        "dtype": torch_dtype(model_args.dtype),
+        "attn_implementation": model_args.attn_implementation,
+    }
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    return kwargs
+
+
+def load_ppo_models(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PPOModels:
+    """Loads the reward model first (the cheapest check of the recipe's most likely mistake), then the rest."""
+    reward = load_reward_model(model_args, tokenizer)
+    policy = load_policy(model_args)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    return PPOModels(
+        policy=policy,
+        reference=load_reference_model(model_args),
+        value=load_value_model(model_args, tokenizer),
+        reward=reward,
+        policy_peft_config=get_peft_config(model_args),
+    )

@@ -1,0 +1,78 @@
+"""One PPO run from a parsed recipe: check → load → train → save. Everything that can be wrong with the input is
+checked before the output folder is touched, so a refused run leaves nothing behind."""
+
+from pathlib import Path
+
+from accelerate import PartialState
+
+from recipes.config import Recipe, plan_batches
+from recipes.data import load_prompts
+from recipes.engine import RecipePPOTrainer
+from recipes.errors import RecipeError
+from recipes.models import load_ppo_models, load_tokenizer, reference_mode
+from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
+
+RESOLVED_RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_output_dir(output_dir: str | None, overwrite: bool) -> Path:
+    """The output folder must be new or empty, unless `overwrite_output_dir` (nothing is ever deleted)."""
+    if not output_dir:
+        raise RecipeError("output_dir is not set")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"output_dir: {output_dir} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RecipeError(
+            f"output_dir: {output_dir} is not empty; choose a new output_dir or pass --overwrite_output_dir true"
+        )
+    return path
+
+
+def run_ppo(recipe: Recipe) -> Path:
+    """Trains the policy as the recipe says and returns the output folder, which then holds the policy (adapter
+    or full weights) with its tokenizer, `value_model/`, `recipe.yaml` and `metrics.jsonl`."""
+    state = PartialState()
+    training, model_args = recipe.training, recipe.model
+    output_dir = check_output_dir(training.output_dir, training.overwrite_output_dir)
+
+    tokenizer = load_tokenizer(model_args)
+    prompts = load_prompts(recipe.data, tokenizer, seed=training.seed)
+    plan = plan_batches(training, state.num_processes, len(prompts.train))
+    state.print(prompts.describe(recipe.data.max_prompt_length))
+    state.print(f"batches: {plan.describe()}")
+    models = load_ppo_models(model_args, tokenizer)
+    state.print(
+        f"models: policy {model_args.model_name_or_path} ({'LoRA' if model_args.use_peft else 'full'}), "
+        f"reference {reference_mode(model_args)}, value from {model_args.value_model_init}, "
+        f"reward {model_args.reward_model_name_or_path}"
+    )
+    # Every process has checked the output folder before the main one writes into it.
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save_yaml(output_dir / RESOLVED_RECIPE_FILE)
+        (output_dir / METRICS_FILE).write_text("")
+        if "wandb" in (training.report_to or []):
+            start_wandb_run(training.wandb_project, training.run_name, training.wandb_tags, recipe.to_dict())
+
+    trainer = RecipePPOTrainer(
+        args=training,
+        processing_class=tokenizer,
+        model=models.policy,
+        ref_model=models.reference,
+        reward_model=models.reward,
+        value_model=models.value,
+        train_dataset=prompts.train,
+        eval_dataset=prompts.eval,
+        peft_config=models.policy_peft_config,
+        callbacks=[MetricsFileCallback(output_dir / METRICS_FILE)],
+    )
+    trainer.train()
+    trainer.save_outputs(output_dir)
+    if state.is_main_process:
+        finish_wandb_run()
+    state.print(f"saved policy, value model, {RESOLVED_RECIPE_FILE} and {METRICS_FILE} to {output_dir}")
+    return output_dir
