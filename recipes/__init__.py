@@ -2,29 +2,34 @@
 
     from recipes import parse_recipe, run_ppo
     run_ppo(parse_recipe(["--config", "configs/tiny/ppo.yaml"]))
+
+Names are imported on first use, so that light tools (e.g. scripts/prepare_model.py) do not load trl and torch.
 """
 
+import importlib
 from pathlib import Path
-
-from recipes.config import BatchPlan, DataArguments, ModelArguments, Recipe, parse_recipe, plan_batches
-from recipes.engine import PPOArguments, RecipePPOTrainer
-from recipes.errors import RecipeError, run_cli
-from recipes.run import run_ppo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PPO_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m" / "ppo.yaml")
 
-__all__ = [
-    "DEFAULT_PPO_RECIPE",
-    "BatchPlan",
-    "DataArguments",
-    "ModelArguments",
-    "PPOArguments",
-    "Recipe",
-    "RecipeError",
-    "RecipePPOTrainer",
-    "parse_recipe",
-    "plan_batches",
-    "run_cli",
-    "run_ppo",
-]
+_EXPORTS = {
+    "BatchPlan": "recipes.config",
+    "DataArguments": "recipes.config",
+    "ModelArguments": "recipes.config",
+    "Recipe": "recipes.config",
+    "parse_recipe": "recipes.config",
+    "plan_batches": "recipes.config",
+    "PPOArguments": "recipes.engine",
+    "RecipePPOTrainer": "recipes.engine",
+    "RecipeError": "recipes.errors",
+    "run_cli": "recipes.errors",
+    "run_ppo": "recipes.run",
+}
+
+__all__ = ["DEFAULT_PPO_RECIPE", "REPO_ROOT", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'recipes' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

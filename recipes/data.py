@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from recipes.config import DataArguments
 from recipes.errors import RecipeError
+from recipes.model_cache import hub_reachable
 
 # File endings `datasets` reads, and the loader name for each.
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -39,6 +40,8 @@ def load_raw_prompts(data_args: DataArguments, seed: int) -> DatasetDict:
     path = Path(name)
     if path.suffix in FILE_FORMATS and not path.is_file():
         raise RecipeError(f"dataset_name: data file not found: {name}")
+    if not path.exists() and not hub_reachable():
+        raise RecipeError(f"dataset_name: '{name}' is neither a local file or folder nor reachable on the hub")
     try:
         if path.is_file():
             if path.suffix not in FILE_FORMATS:

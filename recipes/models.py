@@ -1,6 +1,7 @@
 """Loading the tokenizer and the four PPO models (policy, reference, value, reward) as a recipe describes them."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -17,7 +18,13 @@ from trl import get_peft_config
 
 from recipes.config import ModelArguments
 from recipes.errors import RecipeError
-from recipes.model_cache import resolve_model_path
+from recipes.model_cache import OFFLINE_MODELS, hub_reachable, resolve_model_path
+
+# Models the kit itself makes, by path prefix, and the command that makes them.
+KIT_MADE_MODELS = {
+    "outputs/smollm2-135m/reward_model": "make reward-model",
+    "outputs/tiny/models": "python scripts/make_tiny_models.py",
+}
 
 
 @dataclass
@@ -63,29 +70,45 @@ def quantization_config(mode: str, key: str, compute_dtype: str | None) -> BitsA
 def policy_quantization(model_args: ModelArguments) -> str:
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise RecipeError("load_in_4bit and load_in_8bit are both set: choose one")
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:
+        raise RecipeError("load_in_4bit/load_in_8bit: a quantized policy trains only through LoRA (use_peft: true)")
     return "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else "none"
 
 
+def locate_model(name_or_path: str, key: str) -> str:
+    """What to pass to `from_pretrained` for the recipe field `key`: a local folder, the prepared offline copy of
+    a hub id, or the hub id itself when the hub answers. Fails at once, naming the command that makes the model,
+    instead of letting the hub client retry for minutes on a machine without network."""
+    resolved = resolve_model_path(name_or_path)
+    if Path(resolved).expanduser().is_dir():
+        return resolved
+    if _looks_like_path(name_or_path):
+        maker = next((cmd for prefix, cmd in KIT_MADE_MODELS.items() if name_or_path.startswith(prefix)), None)
+        hint = f"; make it with `{maker}`" if maker else ""
+        raise RecipeError(f"{key}: model folder not found: {name_or_path}{hint}")
+    if not hub_reachable():
+        hint = "run `python scripts/prepare_model.py`" if name_or_path in OFFLINE_MODELS else "use a local folder"
+        raise RecipeError(f"{key}: '{name_or_path}' has no offline copy here and the hub is unreachable; {hint}")
+    return resolved
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `name` or `org/name`; anything else is meant as a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name.split("/")[0]).is_dir()
+
+
 def _from_pretrained(auto_class, name_or_path: str, key: str, **kwargs) -> PreTrainedModel:
-    path = resolve_model_path(name_or_path)
-    try:
-        return auto_class.from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise RecipeError(
-            f"{key}: cannot load '{name_or_path}': not a model folder here, no prepared offline copy "
-            "(python scripts/prepare_model.py), and the hub did not provide it"
-        ) from error
+    return auto_class.from_pretrained(locate_model(name_or_path, key), **kwargs)
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     """The policy's tokenizer, padding on the left (PPO appends responses to the prompts), with a pad token
     distinct from EOS: TRL's trainer treats every pad id in a sequence as padding, so pad == EOS would mask the
     EOS token out of the loss and the reward."""
-    path = resolve_model_path(model_args.model_name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", revision=model_args.model_revision)
-    except OSError as error:
-        raise RecipeError(f"model_name_or_path: cannot load a tokenizer from '{model_args.model_name_or_path}'") from error
+    if not model_args.model_name_or_path:
+        raise RecipeError("model_name_or_path is not set: name the policy's folder or hub id")
+    path = locate_model(model_args.model_name_or_path, "model_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", revision=model_args.model_revision)
     if model_args.pad_token is not None:
         if model_args.pad_token not in tokenizer.get_vocab():
             raise RecipeError(f"pad_token: '{model_args.pad_token}' is not in the tokenizer's vocabulary")
@@ -189,10 +212,7 @@ def _value_lora_config(model_args: ModelArguments) -> LoraConfig:
 
 
 def _check_single_label(name: str, key: str) -> None:
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name))
-    except OSError as error:
-        raise RecipeError(f"{key}: cannot load '{name}': no such model folder here, and the hub did not provide it") from error
+    config = AutoConfig.from_pretrained(locate_model(name, key))
     if config.num_labels != 1:
         raise RecipeError(
             f"{key}: '{name}' has {config.num_labels} labels; PPO needs a reward model with one score (num_labels=1)"
