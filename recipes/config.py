@@ -93,6 +93,28 @@ class ModelArguments(ModelConfig):
     reward_quantization: Literal["none", "8bit", "4bit"] = field(
         default="none", metadata={"help": "Load the reward model in full precision, 8-bit or 4-bit."}
     )
+    reward_model_tokenizer: Literal["policy", "own"] = field(
+        default="policy",
+        metadata={
+            "help": "'policy': the reward model reads the policy's tokens (it shares the policy's tokenizer); "
+            "'own': completions are decoded to text and re-tokenised with the reward model's own tokenizer and "
+            "chat template."
+        },
+    )
+    reward_functions: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions `package.module:function`, each (prompts, completions) -> list of floats, or "
+            "the name of a built-in (sentiment, length, ends_with_punctuation)."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per reward source, the reward model (if any) first, then reward_functions in order; "
+            "the reward is their weighted sum. Default: all 1."
+        },
+    )
 
 
 # TRL's example script reads these PPOConfig fields; the kit names its models in ModelArguments instead.
@@ -100,6 +122,10 @@ REPLACED_KEYS = {
     "sft_model_path": "model_name_or_path",
     "reward_model_path": "reward_model_name_or_path",
 }
+
+# Secrets are never written to a saved recipe or sent to W&B. Other `*_token` fields (`pad_token`, `stop_token`)
+# are settings of the run and are kept.
+SECRET_KEYS = {"hub_token"}
 
 UNSUPPORTED_VALUES = {
     "dataset_streaming": (True, "streaming datasets are not supported: PPO samples prompts in random order"),
@@ -125,12 +151,12 @@ class Recipe:
 
 def resolved_config(parts: tuple) -> dict[str, Any]:
     """The fields of `parts` (parsed dataclasses) whose values differ from the kit's defaults, as plain YAML
-    values: a config that reproduces the run with this kit's pinned versions. Secrets (`*_token`) are left out."""
+    values: a config that reproduces the run with this kit's pinned versions. Secrets (`SECRET_KEYS`) are left out."""
     resolved = {}
     for part in parts:
         ours, defaults = _as_plain_dict(part), _as_plain_dict(type(part)())
         for key, value in ours.items():
-            if key not in REPLACED_KEYS and not key.endswith("_token") and value != defaults.get(key):
+            if key not in REPLACED_KEYS and key not in SECRET_KEYS and value != defaults.get(key):
                 resolved[key] = value
     return resolved
 
@@ -144,7 +170,12 @@ def save_resolved_config(parts: tuple, source: str | None, path: str | Path) -> 
 def _as_plain_dict(part: Any) -> dict[str, Any]:
     values = part.to_dict() if hasattr(part, "to_dict") else dataclasses.asdict(part)
     names = {f.name for f in dataclasses.fields(part) if f.init and not f.name.startswith("_")}
-    return {key: _plain(value) for key, value in values.items() if key in names}
+    # TrainingArguments.to_dict replaces every `*_token` value with a placeholder ("<STOP_TOKEN>"): read them as set.
+    return {
+        key: _plain(getattr(part, key) if key.endswith("_token") else value)
+        for key, value in values.items()
+        if key in names
+    }
 
 
 def _plain(value: Any) -> Any:

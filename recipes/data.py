@@ -76,7 +76,8 @@ def prompt_texts(dataset: Dataset, data_args: DataArguments, tokenizer: PreTrain
     `prompt_as_user_message`) are rendered with the chat template and its generation prompt."""
     columns = dataset.column_names
     if data_args.prompt_column in columns:
-        texts = dataset[data_args.prompt_column]
+        # A plain list: `dataset[column]` is a lazy Column in datasets 5, which tokenizers refuse as a batch.
+        texts = list(dataset[data_args.prompt_column])
         if not data_args.prompt_as_user_message:
             return texts
         conversations = [[{"role": "user", "content": text}] for text in texts]

@@ -35,7 +35,8 @@ class PPOModels:
     policy: PreTrainedModel
     reference: PreTrainedModel | None
     value: PreTrainedModel
-    reward: PreTrainedModel
+    reward: torch.nn.Module
+    """A sequence-classification model, or a `reward_models.sources.RewardSourceModel` presenting as one."""
     policy_peft_config: PeftConfig | None
 
 
@@ -166,17 +167,91 @@ def load_reference_model(model_args: ModelArguments) -> PreTrainedModel | None:
     return reference.eval().requires_grad_(False)
 
 
-def load_reward_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A sequence-classification model with exactly one label, frozen."""
+def check_reward_block(model_args: ModelArguments) -> None:
+    """The reward fields fit together: some source, one weight per source, and a value model that can start from
+    what is configured."""
+    functions = model_args.reward_functions or []
+    has_model = bool(model_args.reward_model_name_or_path)
+    if not has_model and not functions:
+        raise RecipeError(
+            "no reward: set reward_model_name_or_path (a reward model) and/or reward_functions "
+            "('package.module:function' entries; see README.md, 'Bring your own reward')"
+        )
+    sources = int(has_model) + len(functions)
+    if model_args.reward_weights is not None and len(model_args.reward_weights) != sources:
+        listed = (["reward_model_name_or_path"] if has_model else []) + functions
+        raise RecipeError(
+            f"reward_weights has {len(model_args.reward_weights)} weights for {sources} reward sources "
+            f"({', '.join(listed)}): give one per source, the reward model first"
+        )
+    if model_args.reward_model_tokenizer == "own" and not has_model:
+        raise RecipeError("reward_model_tokenizer: 'own' applies to reward_model_name_or_path, which is not set")
+    if model_args.value_model_init == "reward_model":
+        if not has_model:
+            raise RecipeError(
+                "value_model_init: 'reward_model' needs a reward model, and this recipe's reward is functions only; "
+                "set value_model_init: policy"
+            )
+        if model_args.reward_model_tokenizer == "own":
+            raise RecipeError(
+                "value_model_init: 'reward_model' needs a reward model that reads the policy's tokens, and "
+                "reward_model_tokenizer is 'own'; set value_model_init: policy"
+            )
+
+
+def describe_reward(model_args: ModelArguments) -> str:
+    """One line naming each reward source and its weight, for the run's log."""
+    names = [f"model {model_args.reward_model_name_or_path} ({model_args.reward_model_tokenizer} tokenizer)"]
+    names = (names if model_args.reward_model_name_or_path else []) + list(model_args.reward_functions or [])
+    weights = model_args.reward_weights or [1.0] * len(names)
+    return " + ".join(name if weight == 1 else f"{weight:g} × {name}" for weight, name in zip(weights, names))
+
+
+def load_reward_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """What TRL's trainer scores with: a frozen one-label sequence-classification model. A reward model that
+    shares the policy's tokenizer, alone and unweighted, is loaded as it is (TRL's own path). Anything else (a
+    reward model with its own tokenizer, reward functions, weights) is a `RewardSourceModel` over their weighted
+    sum, which decodes the policy's tokens to text for the sources that read text."""
+    check_reward_block(model_args)
+    # Imported when called: modules of reward_models may import recipes.models (reward-model training does), which
+    # a module-level import here would make circular.
+    from reward_models.sources import FunctionSource, ModelSource, RewardSourceModel, WeightedSum
+
+    functions = [FunctionSource.from_spec(spec) for spec in model_args.reward_functions or []]
+    has_model = bool(model_args.reward_model_name_or_path)
+    weights = model_args.reward_weights or [1.0] * (int(has_model) + len(functions))
+    own_tokenizer = model_args.reward_model_tokenizer == "own"
+    if has_model and not functions and weights == [1.0] and not own_tokenizer:
+        return _load_sequence_classifier(model_args, tokenizer)
+
+    text_parts = list(zip(weights[int(has_model) :], functions))
+    token_model, token_weight = None, 1.0
+    if has_model and own_tokenizer:
+        path = locate_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
+        reward_tokenizer = AutoTokenizer.from_pretrained(path)
+        text_parts.insert(0, (weights[0], ModelSource(_load_sequence_classifier(model_args, None), reward_tokenizer)))
+    elif has_model:
+        token_model, token_weight = _load_sequence_classifier(model_args, tokenizer), weights[0]
+    return RewardSourceModel(
+        WeightedSum(text_parts) if text_parts else None,
+        tokenizer,
+        token_model=token_model,
+        token_model_weight=token_weight,
+    )
+
+
+def _load_sequence_classifier(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None
+) -> PreTrainedModel:
+    """The reward model, frozen; padded with `tokenizer`'s pad token when it reads the policy's tokens."""
     name = model_args.reward_model_name_or_path
-    if not name:
-        raise RecipeError("reward_model_name_or_path is not set: name a reward model folder or hub id")
     _check_single_label(name, "reward_model_name_or_path")
     quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args.dtype)
     reward = _from_pretrained(
         AutoModelForSequenceClassification, name, "reward_model_name_or_path", **_model_kwargs(model_args, quantization)
     )
-    reward.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer is not None:
+        reward.config.pad_token_id = tokenizer.pad_token_id
     return reward.eval().requires_grad_(False)
 
 

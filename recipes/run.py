@@ -9,7 +9,7 @@ from recipes.config import Recipe, plan_batches
 from recipes.data import load_prompts
 from recipes.engine import RecipePPOTrainer
 from recipes.errors import RecipeError
-from recipes.models import load_ppo_models, load_tokenizer, reference_mode
+from recipes.models import describe_reward, load_ppo_models, load_tokenizer, reference_mode
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 
 RESOLVED_RECIPE_FILE = "recipe.yaml"
@@ -46,7 +46,7 @@ def run_ppo(recipe: Recipe) -> Path:
     state.print(
         f"models: policy {model_args.model_name_or_path} ({'LoRA' if model_args.use_peft else 'full'}), "
         f"reference {reference_mode(model_args)}, value from {model_args.value_model_init}, "
-        f"reward {model_args.reward_model_name_or_path}"
+        f"reward {describe_reward(model_args)}"
     )
     # Every process has checked the output folder before the main one writes into it.
     state.wait_for_everyone()

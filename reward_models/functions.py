@@ -1,0 +1,35 @@
+"""Built-in reward functions, named in a recipe by their bare name or as `reward_models.functions:<name>`:
+
+    reward_functions: [sentiment, length, ends_with_punctuation]
+
+Each has the signature of every reward function, `(prompts: list[str], completions: list[str]) -> list[float]`:
+one score per completion, judged with its prompt (these three ignore the prompt).
+"""
+
+from reward_models.gold import sentiment
+
+__all__ = ["ends_with_punctuation", "length", "sentiment"]
+
+LENGTH_TARGET_WORDS = 20
+"""`length` gives full marks from this many words on."""
+
+SENTENCE_ENDINGS = ".!?…"
+CLOSING_MARKS = "\"'”’)]*"
+"""Closing quotes, brackets and emphasis that may follow a sentence's final mark."""
+
+
+def length(prompts: list[str], completions: list[str]) -> list[float]:
+    """min(1, words / LENGTH_TARGET_WORDS), in [0, 1]: words are whitespace-separated. With a negative weight,
+    a reward for brevity."""
+    return [min(1.0, len(completion.split()) / LENGTH_TARGET_WORDS) for completion in completions]
+
+
+def ends_with_punctuation(prompts: list[str], completions: list[str]) -> list[float]:
+    """1.0 when the completion (trailing whitespace ignored) ends a sentence (`.`, `!`, `?`, `…`, possibly inside
+    closing quotes or brackets), 0.0 otherwise: a format check for responses cut off mid-sentence."""
+    return [float(_ends_sentence(completion)) for completion in completions]
+
+
+def _ends_sentence(text: str) -> bool:
+    text = text.rstrip().rstrip(CLOSING_MARKS)
+    return bool(text) and text[-1] in SENTENCE_ENDINGS

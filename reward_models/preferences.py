@@ -1,0 +1,194 @@
+"""Preference pairs labelled by a gold reward: the data a reward model learns from.
+
+For each prompt the policy samples two completions; the gold function scores both; the pair is kept when the
+scores differ by at least `min_score_gap`, the higher-scored completion as `chosen`. Each split is written as
+JSON lines in TRL's conversational preference format, with the gold scores beside the conversations:
+
+    {"chosen":   [{"role": "user", "content": P}, {"role": "assistant", "content": A}],
+     "rejected": [{"role": "user", "content": P}, {"role": "assistant", "content": B}],
+     "chosen_score": 0.81, "rejected_score": -0.27}
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from recipes.config import DataArguments, ModelArguments
+from recipes.data import load_raw_prompts, prompt_texts
+from recipes.errors import RecipeError
+from recipes.models import load_policy, load_tokenizer
+from reward_models.config import RewardRecipe
+from reward_models.gold import GoldReward, gold_reward
+
+COMPLETIONS_PER_PROMPT = 2
+# The prompt loader's splits and the files their pairs go to: the test prompts' pairs validate the reward model.
+SPLIT_FILES = {"train": "train.jsonl", "eval": "test.jsonl"}
+SPLIT_NAMES = {"train": "train", "eval": "test"}
+
+
+@dataclass
+class SplitSummary:
+    prompts: int
+    pairs: int
+    truncated: int
+    """Completions that reached `max_new_tokens` before their end-of-turn token."""
+    mean_gap: float
+    """Mean gold-score difference (chosen − rejected) over the kept pairs."""
+
+
+@dataclass
+class PreferenceSummary:
+    output_dir: Path
+    splits: dict[str, SplitSummary]
+    seconds: float
+
+    def describe(self) -> str:
+        parts = [
+            f"{name}: {s.pairs} pairs kept of {s.prompts} prompts (mean gold gap {s.mean_gap:.2f}; "
+            f"{s.truncated} of {COMPLETIONS_PER_PROMPT * s.prompts} completions cut at max_new_tokens)"
+            for name, s in self.splits.items()
+        ]
+        return f"preferences in {self.output_dir}: " + "; ".join(parts) + f"; {self.seconds:.0f} s"
+
+
+def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
+    """Samples, scores and writes the pairs of every split to `recipe.data.dataset_name` (a folder). Deterministic
+    for `sampling_seed` and `generation_batch_size` on one machine."""
+    started = time.monotonic()
+    args = recipe.preferences
+    output_dir = _check_preferences_dir(recipe.data.dataset_name, args.overwrite_preferences)
+    gold = gold_reward(args.gold_reward)
+    policy_args = ModelArguments(
+        model_name_or_path=args.policy_name_or_path, dtype=args.policy_dtype, pad_token=recipe.model.pad_token
+    )
+    tokenizer = load_tokenizer(policy_args)
+    prompt_args = DataArguments(
+        dataset_name=args.prompts_name, prompt_column=args.prompts_column, prompt_as_user_message=True
+    )
+    splits = load_raw_prompts(prompt_args, seed=args.sampling_seed)
+    if args.prompts_column not in splits["train"].column_names:
+        raise RecipeError(
+            f"prompts_column: '{args.prompts_name}' has no column '{args.prompts_column}' "
+            f"(columns: {splits['train'].column_names})"
+        )
+    limits = {"train": args.max_train_prompts, "eval": args.max_test_prompts}
+    policy = load_policy(policy_args).eval()
+
+    torch.manual_seed(args.sampling_seed)
+    summaries = {}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for split, dataset in splits.items():
+        if limits[split] is not None:
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        rendered = prompt_texts(dataset, prompt_args, tokenizer)
+        completions, truncated = sample_completions(
+            policy, tokenizer, rendered, args.temperature, args.max_new_tokens, args.generation_batch_size,
+            SPLIT_NAMES[split],
+        )
+        rows = preference_rows(list(dataset[args.prompts_column]), completions, gold, args.min_score_gap)
+        write_jsonl(output_dir / SPLIT_FILES[split], rows)
+        gaps = [row["chosen_score"] - row["rejected_score"] for row in rows]
+        summaries[SPLIT_NAMES[split]] = SplitSummary(
+            prompts=len(dataset), pairs=len(rows), truncated=truncated, mean_gap=sum(gaps) / max(len(gaps), 1)
+        )
+    return PreferenceSummary(output_dir=output_dir, splits=summaries, seconds=time.monotonic() - started)
+
+
+def _check_preferences_dir(dataset_name: str | None, overwrite: bool) -> Path:
+    """The pairs go to a folder: new, or without preference files unless `overwrite_preferences`."""
+    if not dataset_name:
+        raise RecipeError("dataset_name is not set: name the folder the preference pairs are written to")
+    path = Path(dataset_name)
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"dataset_name: {dataset_name} exists and is not a folder; the builder writes a folder")
+    existing = [name for name in SPLIT_FILES.values() if (path / name).exists()]
+    if existing and not overwrite:
+        raise RecipeError(
+            f"dataset_name: {dataset_name} already holds {', '.join(existing)}; choose another folder or pass "
+            "--overwrite_preferences true"
+        )
+    return path
+
+
+@torch.no_grad()
+def sample_completions(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rendered_prompts: list[str],
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "sampling",
+) -> tuple[list[list[str]], int]:
+    """Returns (for each prompt its `COMPLETIONS_PER_PROMPT` completions as text, how many of them were cut at
+    `max_new_tokens`). Prompts are already rendered with the chat template (no special tokens are added) and
+    left-padded; sampling uses the temperature alone, as PPO's rollouts do."""
+    eos_id = tokenizer.eos_token_id
+    completions, truncated = [], 0
+    for start in tqdm(range(0, len(rendered_prompts), batch_size), desc=f"{desc} completions", unit="batch"):
+        batch = rendered_prompts[start : start + batch_size]
+        encoded = tokenizer(batch, padding=True, add_special_tokens=False, return_tensors="pt").to(policy.device)
+        output = policy.generate(
+            **encoded,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=COMPLETIONS_PER_PROMPT,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_id,
+        )
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        truncated += int((~(new_tokens == eos_id).any(dim=1)).sum())
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        # generate returns the samples of one prompt next to each other.
+        completions.extend(
+            texts[i : i + COMPLETIONS_PER_PROMPT] for i in range(0, len(texts), COMPLETIONS_PER_PROMPT)
+        )
+    return completions, truncated
+
+
+def preference_rows(
+    prompts: list[str], completions: list[list[str]], gold: GoldReward, min_score_gap: float
+) -> list[dict]:
+    """One row per prompt whose two completions' gold scores differ by at least `min_score_gap`; the higher
+    scored is `chosen` (the first one on a tie, which only a gap of 0 keeps)."""
+    flat_prompts = [prompt for prompt, pair in zip(prompts, completions) for _ in pair]
+    flat_completions = [completion for pair in completions for completion in pair]
+    scores = gold(flat_prompts, flat_completions)
+    rows = []
+    for index, (prompt, (first, second)) in enumerate(zip(prompts, completions)):
+        first_score, second_score = scores[2 * index], scores[2 * index + 1]
+        if abs(first_score - second_score) < min_score_gap:
+            continue
+        if second_score > first_score:
+            first, second, first_score, second_score = second, first, second_score, first_score
+        user = {"role": "user", "content": prompt}
+        rows.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": first}],
+                "rejected": [user, {"role": "assistant", "content": second}],
+                "chosen_score": first_score,
+                "rejected_score": second_score,
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_preference_file(path: str | Path) -> Dataset:
+    """A preference .jsonl file as a Dataset (the centring reference, or one split)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"preference file not found: {path}")
+    return Dataset.from_json(str(path))

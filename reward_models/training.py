@@ -1,0 +1,353 @@
+"""Pairwise (Bradley–Terry) reward-model training with TRL's RewardTrainer: check → load → train → merge →
+centre (optional) → evaluate → save. Everything that can be wrong with the input is checked before the output
+folder is touched.
+
+The reward model scores exactly the token sequence PPO shows it: the prompt rendered with the chat template and
+its generation prompt, then the completion, then the EOS token that ends the assistant turn (TRL's PPOTrainer
+reads the score there when `stop_token: eos`). TRL's own conversational tokenisation would render the whole
+conversation instead, which ends with the template's text after EOS (a newline for SmolLM2), so pairs are
+tokenised here and handed to the trainer as `chosen_ids`/`rejected_ids`.
+"""
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from trl import RewardTrainer, get_peft_config
+from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+from recipes.data import load_raw_prompts
+from recipes.errors import RecipeError
+from recipes.models import load_tokenizer, locate_model, torch_dtype
+from recipes.run import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
+from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
+from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
+from reward_models.preferences import read_preference_file
+
+SCORING_BATCH_SIZE = 16
+"""Sequences per forward pass when the kit scores pairs itself (centring, final evaluation)."""
+
+
+@dataclass
+class PairSplits:
+    """Tokenised pairs (columns `chosen_ids`, `rejected_ids`: token ids without padding) for training and
+    validation."""
+
+    train: Dataset
+    eval: Dataset
+    dropped_too_long: dict[str, int]
+
+    def describe(self, max_length: int | None) -> str:
+        dropped = ", ".join(f"{count} {split}" for split, count in self.dropped_too_long.items())
+        return (
+            f"pairs: {len(self.train)} train, {len(self.eval)} validation; dropped as longer than {max_length} "
+            f"tokens (max_length): {dropped}"
+        )
+
+
+@dataclass
+class PairMetrics:
+    """How well scores order pairs: `accuracy` is the share with chosen scored strictly above rejected,
+    `margin` the mean of (chosen − rejected) score, `mean_score` the mean over both sides."""
+
+    pairs: int
+    accuracy: float
+    margin: float
+    mean_score: float
+
+    def as_logs(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}/{name}": value for name, value in vars(self).items()}
+
+
+@dataclass
+class RewardTrainingResult:
+    output_dir: Path
+    model: PreTrainedModel | None
+    """The saved model, merged and centred, in memory (None on processes other than the main one)."""
+    tokenizer: PreTrainedTokenizerBase
+    final_metrics: dict[str, float]
+
+
+def scored_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> list[int]:
+    """The ids PPO scores for `conversation` (prompt turns, then one assistant turn): the prompt rendered with the
+    generation prompt, the completion's tokens, EOS. Rendered text holds its special tokens, so none are added."""
+    prompt = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids += tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def _conversations(row: dict, index: int, source: str) -> tuple[list[dict], list[dict]]:
+    """(chosen, rejected) conversations of one row, each ending with the assistant turn being compared."""
+    prompt = row.get("prompt")
+    if prompt is not None and not isinstance(prompt, list):
+        raise RecipeError(f"{source}: row {index}: column 'prompt' must be chat messages, not {type(prompt).__name__}")
+    conversations = []
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+            raise RecipeError(
+                f"{source}: row {index}: column '{column}' must be a list of chat messages ({{role, content}})"
+            )
+        conversation = (prompt or []) + value
+        if conversation[-1].get("role") != "assistant" or len(conversation) < 2:
+            raise RecipeError(f"{source}: row {index}: column '{column}' must end with an assistant turn after the prompt")
+        conversations.append(conversation)
+    if conversations[0][:-1] != conversations[1][:-1]:
+        raise RecipeError(f"{source}: row {index}: 'chosen' and 'rejected' have different prompt turns")
+    return conversations[0], conversations[1]
+
+
+def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, source: str) -> Dataset:
+    """`chosen`/`rejected` conversations (optionally with a `prompt` column) → `chosen_ids`/`rejected_ids`."""
+    missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
+    if missing:
+        raise RecipeError(
+            f"{source}: no column {' or '.join(repr(c) for c in missing)} (columns: {dataset.column_names})"
+        )
+    if not tokenizer.chat_template:
+        raise RecipeError("model_name_or_path: the tokenizer has no chat template, so conversations cannot be rendered")
+    chosen_ids, rejected_ids = [], []
+    for index, row in enumerate(dataset):
+        chosen, rejected = _conversations(row, index, source)
+        chosen_ids.append(scored_token_ids(tokenizer, chosen))
+        rejected_ids.append(scored_token_ids(tokenizer, rejected))
+    return Dataset.from_dict({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+
+
+def load_preference_pairs(
+    data_args: PreferenceDataArguments, tokenizer: PreTrainedTokenizerBase, seed: int, max_length: int | None
+) -> PairSplits:
+    """Loads the pairs, holds out the test split (or `eval_fraction`), tokenises them and drops pairs with a side
+    longer than `max_length` tokens (counted, as TRL would drop them silently)."""
+    if not data_args.dataset_name:
+        raise RecipeError(
+            "dataset_name is not set: name the preference pairs (e.g. the folder scripts/build_preferences.py wrote)"
+        )
+    raw = load_raw_prompts(data_args, seed)
+    limits = {"train": data_args.max_train_pairs, "eval": data_args.max_eval_pairs}
+    splits, dropped = {}, {}
+    for split, dataset in raw.items():
+        if limits[split] is not None:
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        tokenized = tokenize_pairs(dataset, tokenizer, f"dataset_name '{data_args.dataset_name}' ({split})")
+        if max_length is not None:
+            kept = tokenized.filter(
+                lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
+            )
+            dropped[split], tokenized = len(tokenized) - len(kept), kept
+        else:
+            dropped[split] = 0
+        if len(tokenized) == 0:
+            raise RecipeError(
+                f"dataset_name: no {split} pairs in '{data_args.dataset_name}' "
+                f"({dropped[split]} dropped as longer than max_length={max_length})"
+            )
+        splits[split] = tokenized
+    return PairSplits(train=splits["train"], eval=splits["eval"], dropped_too_long=dropped)
+
+
+def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The model to train: a sequence classifier with one output. From a causal LM the score head is new (random);
+    its `config.pad_token_id` is the tokenizer's, so the score is read at the last token that is not padding."""
+    path = locate_model(model_args.model_name_or_path, "model_name_or_path")
+    try:
+        # TRL's filter for the expected load report of a causal LM read as a classifier (new score head, unused
+        # LM head).
+        with suppress_seqcls_warning():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=1,
+                revision=model_args.model_revision,
+                dtype=torch_dtype(model_args.dtype),
+                attn_implementation=model_args.attn_implementation,
+            )
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(
+            f"model_name_or_path: cannot load '{model_args.model_name_or_path}' as a one-score classifier: {first_line}"
+        ) from error
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _padded_batches(
+    sequences: list[list[int]], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded batches: (input_ids [batch, longest], attention_mask [batch, longest], lengths [batch])."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        lengths = torch.tensor([len(ids) for ids in chunk])
+        input_ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        yield input_ids.to(device), attention_mask.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def sequence_scores(model: PreTrainedModel, sequences: list[list[int]], batch_size: int = SCORING_BATCH_SIZE) -> torch.Tensor:
+    """The model's score of each token sequence: float32 [len(sequences)]."""
+    model.eval()
+    scores = []
+    for input_ids, attention_mask, _ in _padded_batches(sequences, model.config.pad_token_id, batch_size, model.device):
+        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
+def pair_metrics(model: PreTrainedModel, pairs: Dataset) -> PairMetrics:
+    chosen = sequence_scores(model, pairs["chosen_ids"])
+    rejected = sequence_scores(model, pairs["rejected_ids"])
+    return PairMetrics(
+        pairs=len(pairs),
+        accuracy=(chosen > rejected).float().mean().item(),
+        margin=(chosen - rejected).mean().item(),
+        mean_score=torch.cat([chosen, rejected]).mean().item(),
+    )
+
+
+@torch.no_grad()
+def _scored_hidden_states(model: PreTrainedModel, sequences: list[list[int]]) -> torch.Tensor:
+    """The final hidden state the score head reads for each sequence (its last token): float32 [n, hidden]."""
+    model.eval()
+    backbone = getattr(model, model.base_model_prefix)
+    states = []
+    for input_ids, attention_mask, lengths in _padded_batches(
+        sequences, model.config.pad_token_id, SCORING_BATCH_SIZE, model.device
+    ):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        states.append(hidden[torch.arange(len(lengths)), lengths - 1].float().cpu())
+    return torch.cat(states)
+
+
+@torch.no_grad()
+def center_score_head(model: PreTrainedModel, reference: list[list[int]]) -> dict[str, float]:
+    """Makes the mean score over the `reference` sequences 0 and returns what changed.
+
+    Decoder classifiers in transformers have a score head without a bias (a bias would be dropped on loading),
+    so no parameter adds a constant. Instead the head's weight w takes the smallest change that zeroes the
+    reference mean: w ← w − m·h̄/‖h̄‖², with h̄ the mean scored hidden state and m the mean score. A text whose
+    hidden state is h moves by −m·(h·h̄)/‖h̄‖²: exactly −m on average over the reference, about −m for any text
+    when hidden states share a large common direction (as they do in language models); `shift_std` says how
+    far from a uniform shift it is."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise RecipeError(f"center_rewards: {type(model).__name__} has no one-output `score` head to centre")
+    hidden = _scored_hidden_states(model, reference)
+    weight = head.weight[0].float()
+    before = hidden @ weight
+    mean_hidden = hidden.mean(dim=0)
+    change = -before.mean() * mean_hidden / mean_hidden.dot(mean_hidden)
+    head.weight[0] += change.to(head.weight.dtype)
+    shift = hidden @ change
+    return {
+        "reference_sequences": len(reference),
+        "reference_mean_score_before": before.mean().item(),
+        "reference_mean_score_after": (hidden @ head.weight[0].float()).mean().item(),
+        "shift_mean": shift.mean().item(),
+        "shift_std": shift.std().item(),
+    }
+
+
+def describe_batches(recipe: RewardRecipe, processes: int, train_pairs: int) -> str:
+    """The batch arithmetic, as the config files write it in their comments."""
+    training = recipe.training
+    per_step = training.per_device_train_batch_size * training.gradient_accumulation_steps * processes
+    batches = math.ceil(train_pairs / (training.per_device_train_batch_size * processes))
+    steps_per_epoch = max(batches // training.gradient_accumulation_steps, 1)
+    total = training.max_steps if training.max_steps > 0 else math.ceil(training.num_train_epochs * steps_per_epoch)
+    return (
+        f"{training.per_device_train_batch_size} pairs per device × {training.gradient_accumulation_steps} "
+        f"accumulation × {processes} processes = {per_step} pairs ({2 * per_step} sequences) per optimizer step; "
+        f"{train_pairs} pairs × {training.num_train_epochs:g} epochs → {total} steps"
+    )
+
+
+def _append_metrics(path: Path, step: int, logs: dict[str, float]) -> None:
+    with path.open("a") as file:
+        file.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
+    """Trains, and saves to `output_dir` a folder that `AutoModelForSequenceClassification.from_pretrained`
+    loads (one label, the kit's pad token, LoRA merged) with its tokenizer and chat template, plus
+    `recipe.yaml` and `metrics.jsonl`. Validation accuracy and margin go to `metrics.jsonl` and W&B during
+    training (TRL's `eval_*`) and, for the saved model, at the end (`final/*`)."""
+    state = PartialState()
+    data_args, model_args, training = recipe.data, recipe.model, recipe.training
+    output_dir = check_output_dir(training.output_dir, training.overwrite_output_dir)
+
+    tokenizer = load_tokenizer(model_args)
+    pairs = load_preference_pairs(data_args, tokenizer, training.seed, training.max_length)
+    reference = None
+    if training.center_rewards:
+        if training.center_rewards_reference:
+            reference_pairs = tokenize_pairs(
+                read_preference_file(training.center_rewards_reference), tokenizer, "center_rewards_reference"
+            )
+        else:
+            reference_pairs = pairs.train
+        reference = list(reference_pairs["chosen_ids"]) + list(reference_pairs["rejected_ids"])
+    state.print(pairs.describe(training.max_length))
+    state.print(f"batches: {describe_batches(recipe, state.num_processes, len(pairs.train))}")
+    model = load_reward_base(model_args, tokenizer)
+    peft_config = get_peft_config(model_args)
+    state.print(
+        f"reward model: {model_args.model_name_or_path} ({'LoRA' if peft_config else 'full'}), score head "
+        f"trained in full; pad token {tokenizer.pad_token!r}"
+    )
+    # Every process has checked the input before the main one writes into the output folder.
+    state.wait_for_everyone()
+
+    wandb_on = "wandb" in (training.report_to or [])
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        recipe.save_yaml(output_dir / RESOLVED_RECIPE_FILE)
+        (output_dir / METRICS_FILE).write_text("")
+        if wandb_on:
+            start_wandb_run(training.wandb_project, training.run_name, training.wandb_tags, recipe.to_dict())
+
+    trainer = RewardTrainer(
+        model=model,
+        args=training,
+        train_dataset=pairs.train,
+        eval_dataset=pairs.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsFileCallback(output_dir / METRICS_FILE)],
+    )
+    trainer.train()
+
+    final_model, final_logs = None, {}
+    if state.is_main_process:
+        final_model = trainer.accelerator.unwrap_model(trainer.model)
+        if is_peft_model(final_model):
+            final_model = final_model.merge_and_unload()
+        final_model.config.pad_token_id = tokenizer.pad_token_id
+        if reference is not None:
+            centring = center_score_head(final_model, reference)
+            final_logs.update({f"centring/{name}": value for name, value in centring.items()})
+        final_logs.update(pair_metrics(final_model, pairs.eval).as_logs("final/eval"))
+        _append_metrics(output_dir / METRICS_FILE, trainer.state.global_step, final_logs)
+        if wandb_on:
+            import wandb
+
+            wandb.log(final_logs)
+            wandb.run.summary.update(final_logs)
+        final_model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        finish_wandb_run()
+        state.print(
+            f"validation ({len(pairs.eval)} pairs): accuracy {final_logs['final/eval/accuracy']:.3f}, mean margin "
+            f"{final_logs['final/eval/margin']:.3f}; saved the reward model, {RESOLVED_RECIPE_FILE} and "
+            f"{METRICS_FILE} to {output_dir}"
+        )
+    state.wait_for_everyone()
+    return RewardTrainingResult(output_dir, final_model, tokenizer, final_logs)
