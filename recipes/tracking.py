@@ -47,16 +47,18 @@ def _netrc_has(host: str) -> bool:
         return False
 
 
-def start_wandb_run(project: str, run_name: str | None, tags: list[str] | None, config: dict) -> None:
+def start_wandb_run(
+    project: str, run_name: str | None, tags: list[str] | None, config: dict, run_id: str | None = None
+) -> None:
     """Starts the W&B run with the resolved recipe as its config (main process only); the trainer's W&B callback
-    then logs into this run and adds its own arguments to the config."""
+    then logs into this run and adds its own arguments to the config. With `run_id`, continues that run."""
     import wandb
 
     mode, why = wandb_mode()
     os.environ["WANDB_MODE"] = mode
     if mode == "offline":
         print(f"W&B: logging offline ({why}); upload later with `wandb sync wandb/offline-run-*`")
-    wandb.init(project=project, name=run_name, tags=tags, config=config, mode=mode)
+    wandb.init(project=project, name=run_name, tags=tags, config=config, mode=mode, id=run_id, resume="allow" if run_id else None)
 
 
 def finish_wandb_run() -> None:
