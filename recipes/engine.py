@@ -237,6 +237,8 @@ class RecipePPOTrainer(PPOTrainer):
             self.log(self.update_metrics(rollout, stats, progress))
             self.lr_scheduler.step()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
+                self.generate_completions(sampling=True)  # TRL's sample table (console, W&B)
             if progress.nonfinite_in_a_row >= args.max_nonfinite_updates:
                 self.callback_handler.on_train_end(args, self.state, self.control)  # closes the progress bar
                 raise NonFiniteRunError(
