@@ -19,6 +19,7 @@ from trl import get_peft_config
 from recipes.config import ModelArguments
 from recipes.errors import RecipeError
 from recipes.model_cache import OFFLINE_MODELS, hub_reachable, resolve_model_path
+from reward_models.sources import FunctionSource, ModelSource, RewardSourceModel, WeightedSum
 
 # Models the kit itself makes, by path prefix, and the command that makes them.
 KIT_MADE_MODELS = {
@@ -201,8 +202,9 @@ def check_reward_block(model_args: ModelArguments) -> None:
 
 def describe_reward(model_args: ModelArguments) -> str:
     """One line naming each reward source and its weight, for the run's log."""
-    names = [f"model {model_args.reward_model_name_or_path} ({model_args.reward_model_tokenizer} tokenizer)"]
-    names = (names if model_args.reward_model_name_or_path else []) + list(model_args.reward_functions or [])
+    names = list(model_args.reward_functions or [])
+    if model_args.reward_model_name_or_path:
+        names.insert(0, f"model {model_args.reward_model_name_or_path} ({model_args.reward_model_tokenizer} tokenizer)")
     weights = model_args.reward_weights or [1.0] * len(names)
     return " + ".join(name if weight == 1 else f"{weight:g} × {name}" for weight, name in zip(weights, names))
 
@@ -213,10 +215,6 @@ def load_reward_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizer
     reward model with its own tokenizer, reward functions, weights) is a `RewardSourceModel` over their weighted
     sum, which decodes the policy's tokens to text for the sources that read text."""
     check_reward_block(model_args)
-    # Imported when called: modules of reward_models may import recipes.models (reward-model training does), which
-    # a module-level import here would make circular.
-    from reward_models.sources import FunctionSource, ModelSource, RewardSourceModel, WeightedSum
-
     functions = [FunctionSource.from_spec(spec) for spec in model_args.reward_functions or []]
     has_model = bool(model_args.reward_model_name_or_path)
     weights = model_args.reward_weights or [1.0] * (int(has_model) + len(functions))

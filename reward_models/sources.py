@@ -76,8 +76,7 @@ class FunctionSource(RewardSource):
             raise RecipeError(
                 f"reward function '{self.name}' returned {scores.numel()} scores for {len(completions)} completions"
             )
-        if not torch.isfinite(scores).all():
-            raise RecipeError(f"reward function '{self.name}' returned a score that is NaN or infinite")
+        # A NaN or infinite score is passed on: the PPO loop skips and counts such updates (max_nonfinite_updates).
         return scores
 
 
