@@ -6,7 +6,17 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 export TRL_EXPERIMENTAL_SILENCE := 1
 
-.PHONY: venv model demo test clean
+# The default pipeline (configs/smollm2-135m): preference pairs → reward model → PPO → evaluation.
+# DEMO_OUT moves all of its outputs; the *_FLAGS add command-line overrides to one step (tests run a small budget).
+RECIPE := configs/smollm2-135m
+DEMO_OUT ?= outputs/smollm2-135m
+PREFERENCE_FLAGS ?=
+REWARD_FLAGS ?=
+PPO_FLAGS ?=
+EVAL_FLAGS ?=
+LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
+
+.PHONY: venv model preferences reward-model ppo evaluate demo test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +31,26 @@ venv: $(BIN)/.installed
 model: venv
 	$(BIN)/python scripts/prepare_model.py
 
+preferences: model
+	$(BIN)/python scripts/build_preferences.py --config $(RECIPE)/reward.yaml \
+		--dataset_name $(DEMO_OUT)/preferences --overwrite_preferences true $(PREFERENCE_FLAGS)
+
+reward-model: preferences
+	$(LAUNCH) scripts/train_reward.py --config $(RECIPE)/reward.yaml \
+		--dataset_name $(DEMO_OUT)/preferences --output_dir $(DEMO_OUT)/reward_model --overwrite_output_dir true $(REWARD_FLAGS)
+
+ppo: model
+	$(LAUNCH) scripts/ppo.py --config $(RECIPE)/ppo.yaml \
+		--reward_model_name_or_path $(DEMO_OUT)/reward_model --output_dir $(DEMO_OUT)/ppo --overwrite_output_dir true $(PPO_FLAGS)
+
+evaluate: model
+	$(BIN)/python scripts/evaluate.py --config $(RECIPE)/eval.yaml --policy_name_or_path $(DEMO_OUT)/ppo \
+		--reward_models $(DEMO_OUT)/reward_model --output_dir $(DEMO_OUT)/eval --overwrite_output_dir true $(EVAL_FLAGS)
+
 demo: model
-	$(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml scripts/ppo.py --config configs/smollm2-135m/ppo.yaml --overwrite_output_dir true
+	$(MAKE) reward-model
+	$(MAKE) ppo
+	$(MAKE) evaluate
 
 test: model
 	$(BIN)/python -m pytest

@@ -1,6 +1,7 @@
 """The README's promises: its Quickstart commands exist as make targets, every recipe parses strictly, and every
 file a README command names exists."""
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -31,3 +32,29 @@ def test_files_named_in_readme_commands_exist():
     assert named, "the README names no scripts or configs"
     missing = [path for path in named if "<" not in path and not (REPO_ROOT / path).is_file()]
     assert not missing, f"README names missing files: {missing}"
+
+
+@pytest.mark.slow
+def test_make_demo_runs_the_default_pipeline_end_to_end(tmp_path):
+    """`make demo` itself, on SmolLM2 with a small budget: preference pairs → reward model → PPO → evaluation."""
+    budget = {
+        "DEMO_OUT": str(tmp_path / "demo"),
+        "PREFERENCE_FLAGS": "--max_train_prompts 12 --max_test_prompts 6 --max_new_tokens 16 --min_score_gap 0",
+        "REWARD_FLAGS": "--num_train_epochs 1 --report_to none",
+        "PPO_FLAGS": "--total_episodes 8 --response_length 16 --num_ppo_epochs 1 --report_to none",
+        "EVAL_FLAGS": "--max_eval_prompts 6 --response_length 16 --report_to none",
+    }
+    result = subprocess.run(
+        ["make", "demo", *(f"{key}={value}" for key, value in budget.items())],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    demo = tmp_path / "demo"
+    assert (demo / "reward_model" / "config.json").is_file()
+    assert (demo / "ppo" / "adapter_model.safetensors").is_file()
+    results = json.loads((demo / "eval" / "eval_results.json").read_text())
+    assert {"reward/sentiment/mean", "win_rate/reward_model", "kl/k1/mean", "perplexity/policy"} <= results.keys()
+    assert "evaluation of" in result.stdout
