@@ -40,6 +40,7 @@ from trl.experimental.utils import first_true_indices, get_reward  # noqa: E402
 from trl.models.utils import unwrap_model_for_generation  # noqa: E402
 from trl.trainer.utils import selective_log_softmax  # noqa: E402
 
+from recipes.devices import apply_cpu_defaults  # noqa: E402
 from recipes.errors import RecipeError  # noqa: E402
 
 
@@ -76,14 +77,7 @@ class PPOArguments(PPOConfig):
     )
 
     def __post_init__(self):
-        # Without a GPU: fp32 by default (TRL defaults to bf16 mixed precision, which transformers refuses without a
-        # GPU unless `use_cpu` is set), and always `use_cpu`, so that an explicit `bf16: true` runs on the CPU and
-        # processes started by `accelerate launch --num_processes N` join one gloo process group (accelerate sets
-        # up CPU data parallelism only when told to use the CPU; otherwise each process trains alone).
-        if not torch.cuda.is_available():
-            if self.bf16 is None:
-                self.bf16 = False
-            self.use_cpu = True
+        apply_cpu_defaults(self)
         super().__post_init__()
 
 

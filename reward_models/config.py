@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from trl import ModelConfig, RewardConfig, ScriptArguments
 
 from recipes.config import RecipeParser, resolved_config, save_resolved_config
+from recipes.devices import apply_cpu_defaults
 from recipes.errors import RecipeError
 
 DEFAULT_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -125,13 +125,7 @@ class RewardTrainingArguments(RewardConfig):
     pad_token: str | None = field(default=None, init=False)
 
     def __post_init__(self):
-        # TRL defaults to bf16 mixed precision, which transformers refuses without a GPU unless `use_cpu` is set.
-        # Without a GPU: fp32 by default, and `use_cpu` so that `bf16: true` runs on the CPU and processes started
-        # by `accelerate launch --num_processes N` join one process group.
-        if not torch.cuda.is_available():
-            if self.bf16 is None:
-                self.bf16 = False
-            self.use_cpu = True
+        apply_cpu_defaults(self)
         super().__post_init__()
 
 
