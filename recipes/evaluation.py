@@ -63,6 +63,7 @@ class EvalArguments:
         metadata={"help": "A .jsonl/.json/.csv/.parquet file with a `text` column for perplexity. Default: the "
                   "reference's own completions of the held-out prompts (scored given their prompts)."},
     )
+    dtype: str = field(default="float32", metadata={"help": "dtype of the policy and reference (bfloat16 on GPUs)."})
     response_length: int = field(default=48, metadata={"help": "Tokens sampled per completion at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (use the PPO recipe's)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation / scoring batch."})
@@ -354,13 +355,14 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     prompts, rendered = user_prompts(held_out, data_args), prompt_texts(held_out, data_args, tokenizer)
     add_special_tokens = data_args.prompt_column in held_out.column_names and not data_args.prompt_as_user_message
     perplexity_texts = _load_texts(evaluation.perplexity_texts) if evaluation.perplexity_texts else None
-    reference = AutoModelForCausalLM.from_pretrained(locate_model(reference_name, "reference_name_or_path")).eval()
+    reference_path = locate_model(reference_name, "reference_name_or_path")
+    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch_dtype(evaluation.dtype)).eval()
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config((data_args, evaluation), source, output_dir / "eval.yaml")
     rows = []
     for policy_name in policies:
-        policy = load_policy_for_eval(policy_name)
+        policy = load_policy_for_eval(policy_name, evaluation.dtype)
         results, samples = evaluate_policy(
             policy, reference, tokenizer, prompts, rendered, add_special_tokens, sources, evaluation, perplexity_texts
         )

@@ -48,9 +48,10 @@ def torch_dtype(name: str | None) -> torch.dtype | str | None:
     return getattr(torch, name)
 
 
-def quantization_config(mode: str, key: str, compute_dtype: str | None) -> BitsAndBytesConfig | None:
-    """The bitsandbytes config for `mode` ('none', '8bit', '4bit'; nf4 for 4-bit). `key` names the recipe field for
-    the error when bitsandbytes is missing."""
+def quantization_config(mode: str, key: str, model_args: ModelArguments) -> BitsAndBytesConfig | None:
+    """The bitsandbytes config for `mode` ('none', '8bit', '4bit'). 4-bit uses the recipe's `bnb_4bit_quant_type`,
+    `use_bnb_nested_quant` and `bnb_4bit_quant_storage` (ZeRO-3 shards 4-bit weights stored as bf16), computing in
+    the recipe's `dtype`. `key` names the recipe field for the error when bitsandbytes is missing."""
     if mode == "none":
         return None
     try:
@@ -61,10 +62,12 @@ def quantization_config(mode: str, key: str, compute_dtype: str | None) -> BitsA
         ) from error
     if mode == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = torch_dtype(compute_dtype)
+    dtype = torch_dtype(model_args.dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_quant_storage=torch_dtype(model_args.bnb_4bit_quant_storage) or torch.uint8,
         bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
     )
 
@@ -137,7 +140,7 @@ def _unused_special_token(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def load_policy(model_args: ModelArguments) -> PreTrainedModel:
-    quantization = quantization_config(policy_quantization(model_args), "load_in_4bit/load_in_8bit", model_args.dtype)
+    quantization = quantization_config(policy_quantization(model_args), "load_in_4bit/load_in_8bit", model_args)
     return _from_pretrained(
         AutoModelForCausalLM,
         model_args.model_name_or_path,
@@ -161,7 +164,7 @@ def load_reference_model(model_args: ModelArguments) -> PreTrainedModel | None:
     if reference_mode(model_args) == "adapter_disabled":
         return None
     name = model_args.ref_model_name_or_path or model_args.model_name_or_path
-    quantization = quantization_config(model_args.ref_quantization, "ref_quantization", model_args.dtype)
+    quantization = quantization_config(model_args.ref_quantization, "ref_quantization", model_args)
     reference = _from_pretrained(
         AutoModelForCausalLM, name, "ref_model_name_or_path", **_model_kwargs(model_args, quantization)
     )
@@ -244,7 +247,7 @@ def _load_sequence_classifier(
     """The reward model, frozen; padded with `tokenizer`'s pad token when it reads the policy's tokens."""
     name = model_args.reward_model_name_or_path
     _check_single_label(name, "reward_model_name_or_path")
-    quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args.dtype)
+    quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args)
     reward = _from_pretrained(
         AutoModelForSequenceClassification, name, "reward_model_name_or_path", **_model_kwargs(model_args, quantization)
     )

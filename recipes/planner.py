@@ -50,9 +50,9 @@ GPU_RUNTIME_GIB = 0.8
 """CUDA context, cuBLAS/cuDNN workspaces and loaded kernels of one process: 0.5–1 GiB on current GPUs."""
 COLLECTIVES_GIB = 0.5
 """NCCL communicators and their buffers, once a process group of more than one GPU exists."""
-CPU_RUNTIME_GIB = 1.06
+CPU_RUNTIME_GIB = 0.50
 """Resident memory of a CPU process that has imported what a run imports (torch, transformers, TRL, datasets, the
-kit): 1.06 GiB measured by bench/plan_vs_measured.py's import-only child on the kit's machine."""
+kit): 0.50 GiB, the peak RSS bench/plan_vs_measured.py's import-only child reports on the kit's machine."""
 HEADROOM = 0.10
 """Share of device memory left free: allocator fragmentation on a GPU, page-cache and RSS noise on a CPU."""
 TRAINING_LOGITS_COPIES = 3
@@ -676,7 +676,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
 
     storage = getattr(recipe.model, "bnb_4bit_quant_storage", None)
     if policy.quantization == "4bit" and strategy in ("zero3", "fsdp") and storage != dtype:
-        plan.notes.append(f"ZeRO-3/FSDP shard 4-bit weights only when stored as {dtype}: bnb_4bit_quant_storage: {dtype}")
+        plan.notes.append(f"sharding 4-bit weights needs bnb_4bit_quant_storage: {dtype}")
     if strategy == "fsdp" and any(m.role in ("reference", "reward") for m in models):
         plan.notes.append("under FSDP, TRL puts the reference and reward models on every device whole (not sharded)")
     return plan

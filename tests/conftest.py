@@ -4,6 +4,7 @@ written in temporary folders, and helpers to run the kit's script as a user woul
 Slow tests (PPO runs, subprocesses) are marked `slow`; `pytest -m "not slow"` runs the fast ones.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -124,3 +125,13 @@ def run_python(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl: one JSON object per non-empty line."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def all_fields(recipe) -> dict:
+    """Every init field of the three parsed dataclasses, as set (not only the ones differing from defaults)."""
+    return {
+        (type(part).__name__, f.name): getattr(part, f.name)
+        for part in (recipe.data, recipe.model, recipe.training)
+        for f in dataclasses.fields(part)
+        if f.init
+    }

@@ -1,10 +1,9 @@
 """The recipe parser (YAML defaults, command-line overrides, strict keys and types) and the batch arithmetic."""
 
-import dataclasses
 
 import pytest
 import yaml
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, all_fields
 
 from recipes import PPOArguments, RecipeError, parse_recipe, plan_batches
 
@@ -14,14 +13,6 @@ def write_yaml(path, text: str):
     return str(path)
 
 
-def all_fields(recipe) -> dict:
-    """Every init field of the three parsed dataclasses, as set (not only the ones differing from defaults)."""
-    return {
-        (type(part).__name__, f.name): getattr(part, f.name)
-        for part in (recipe.data, recipe.model, recipe.training)
-        for f in dataclasses.fields(part)
-        if f.init
-    }
 
 
 def test_tiny_recipe_parses_into_the_three_dataclasses():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_recipe_flags
+from conftest import all_fields, read_metrics, tiny_recipe_flags
+
 from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -56,13 +57,6 @@ CASES = {
 }  # fmt: skip
 
 
-def all_fields(recipe) -> dict:
-    return {
-        (type(part).__name__, f.name): getattr(part, f.name)
-        for part in (recipe.data, recipe.model, recipe.training)
-        for f in dataclasses.fields(part)
-        if f.init
-    }
 
 
 def changed_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:

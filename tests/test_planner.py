@@ -1,0 +1,246 @@
+"""The memory planner on cases small enough to check by hand: parameter counts against the models transformers and
+peft build, weight bytes = parameters × bytes exactly, the LoRA formula, sharding, and the CLI's exit codes."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from recipes.errors import RecipeError
+from recipes.planner import (
+    DEEPSPEED_OPTIMIZER_BYTES,
+    GIB,
+    GPU_RUNTIME_GIB,
+    QUANT_BLOCK,
+    Architecture,
+    Hardware,
+    Parallelism,
+    PlanRequest,
+    as_dict,
+    check_fit,
+    cheapest_fixes,
+    load_architecture,
+    load_hardware,
+    parallelism_from_accelerate,
+    plan_memory,
+)
+from recipes.tiny_models import tiny_llama_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = str(REPO_ROOT / "configs" / "tiny" / "ppo.yaml")
+MODEL_CONFIGS = sorted((REPO_ROOT / "configs" / "model_configs").glob("*/*/config.json"))
+
+# The tiny Llama of recipes.tiny_models with a small vocabulary, so that every number below is easy to recompute:
+# hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 key-value heads (kv_dim 32), tied embeddings.
+VOCAB = 1000
+H, I, LAYERS, Q, KV = 64, 128, 2, 64, 32
+LINEAR_PER_LAYER = H * Q + 2 * H * KV + Q * H + 3 * H * I  # q, k, v, o, gate, up, down
+CAUSAL_PARAMS = VOCAB * H + LAYERS * (LINEAR_PER_LAYER + 2 * H) + H  # embedding, layers (+2 norms), final norm
+CLASSIFIER_PARAMS = CAUSAL_PARAMS + H  # + a one-label score head, no bias
+
+
+def plan_script():
+    spec = importlib.util.spec_from_file_location("plan_script", REPO_ROOT / "scripts" / "plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_config_folders(tmp_path_factory) -> dict[str, Path]:
+    """config.json only (the planner reads nothing else): a tiny causal LM and a tiny one-label classifier."""
+    root = tmp_path_factory.mktemp("planner_models")
+    folders = {}
+    for role, overrides in {"policy": {}, "reward": {"num_labels": 1}}.items():
+        folder = root / role
+        folder.mkdir()
+        tiny_llama_config(VOCAB, **overrides).save_pretrained(folder)
+        folders[role] = folder
+    return folders
+
+
+def tiny_request(folders, *flags, hardware=None, accelerate_config=None) -> PlanRequest:
+    args = ["--config", TINY_RECIPE, "--model_name_or_path", str(folders["policy"]),
+            "--reward_model_name_or_path", str(folders["reward"]), *flags]  # fmt: skip
+    return PlanRequest(args, hardware, accelerate_config)
+
+
+def single_gpu() -> Parallelism:
+    return Parallelism("none", 1, 1, "gpu", "test")
+
+
+def plan_of(folders, *flags, parallel=None):
+    request = tiny_request(folders, *flags)
+    return as_dict(plan_memory(request.parse(), parallel or single_gpu()))
+
+
+def test_hand_counted_parameters(tiny_config_folders):
+    arch, _ = load_architecture(str(tiny_config_folders["policy"]), "model_name_or_path")
+    assert (arch.hidden_size, arch.q_dim, arch.kv_dim, arch.num_layers) == (H, Q, KV, LAYERS)
+    assert arch.params("lm") == CAUSAL_PARAMS
+    assert arch.params("score") == CLASSIFIER_PARAMS
+
+
+@pytest.mark.parametrize("config_file", MODEL_CONFIGS, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+def test_parameter_counts_match_the_models_transformers_builds(config_file):
+    """Each architecture file of configs/model_configs/, counted by the planner and by a model built on the meta
+    device (no memory) from the same config.json: causal LM and one-label classifier."""
+    config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+    arch = Architecture.from_config(json.loads(config_file.read_text()), str(config_file))
+    with torch.device("meta"):
+        causal = AutoModelForCausalLM.from_config(config)
+        config.num_labels = 1
+        classifier = AutoModelForSequenceClassification.from_config(config)
+    assert arch.params("lm") == sum(p.numel() for p in causal.parameters())
+    assert arch.params("score") == sum(p.numel() for p in classifier.parameters())
+
+
+def test_lora_parameters_match_peft(tiny_config_folders):
+    arch, _ = load_architecture(str(tiny_config_folders["policy"]), "model_name_or_path")
+    r = 8
+    assert arch.lora_params(["q_proj", "v_proj"], r) == LAYERS * (r * (H + Q) + r * (H + KV)) == 3584
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_config_folders["policy"]))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert arch.lora_params(targets, 16) == trainable
+
+
+def test_weight_bytes_are_parameters_times_bytes(tiny_config_folders):
+    """fp32 and bf16, LoRA adapters (fp32) on top; no reference model with the adapter disabled."""
+    lora = LAYERS * (8 * (H + Q) + 8 * (H + KV))  # the tiny recipe: r=8 on q_proj, v_proj
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        plan = plan_of(tiny_config_folders, "--dtype", dtype)
+        models = {m["role"]: m for m in plan["models"]}
+        assert set(models) == {"policy", "value", "reward"}  # reference: auto with LoRA → adapter disabled
+        assert models["policy"]["weight_bytes"] == CAUSAL_PARAMS * size + lora * 4
+        assert models["reward"]["weight_bytes"] == CLASSIFIER_PARAMS * size
+        assert models["value"]["weight_bytes"] == CLASSIFIER_PARAMS * size  # trained in full
+        assert models["value"]["trainable_params"] == CLASSIFIER_PARAMS
+        assert plan["static"]["value AdamW states (%d B/param)" % (2 * size)] == CLASSIFIER_PARAMS * 2 * size
+        assert plan["static"]["policy AdamW states (8 B/param)"] == lora * 8
+
+
+def test_quantized_weight_bytes(tiny_config_folders):
+    """nf4: half a byte per linear weight + one fp32 absmax per 64 weights; 8-bit: a byte + one fp32 scale per output
+    row; the rest (embedding, norms) in the recipe's dtype."""
+    linear = LAYERS * LINEAR_PER_LAYER
+    rest = CLASSIFIER_PARAMS - linear
+    four = plan_of(tiny_config_folders, "--reward_quantization", "4bit")
+    reward = next(m for m in four["models"] if m["role"] == "reward")
+    assert reward["weight_bytes"] == linear // 2 + math.ceil(linear / QUANT_BLOCK) * 4 + rest * 4
+    eight = plan_of(tiny_config_folders, "--reward_quantization", "8bit")
+    reward = next(m for m in eight["models"] if m["role"] == "reward")
+    out_rows = LAYERS * (Q + 2 * KV + H + 2 * I + H)
+    assert reward["weight_bytes"] == linear + out_rows * 4 + rest * 4
+
+
+def test_separate_reference_and_full_fine_tuning(tiny_config_folders):
+    plan = plan_of(tiny_config_folders, "--use_peft", "false")
+    models = {m["role"]: m for m in plan["models"]}
+    assert models["reference"]["weight_bytes"] == CAUSAL_PARAMS * 4
+    assert models["policy"]["trainable_params"] == CAUSAL_PARAMS
+
+
+def test_sharding(tiny_config_folders):
+    """ZeRO-2 shards optimizer states (12 bytes per trainable parameter under DeepSpeed); ZeRO-3 also every model's
+    weights; FSDP the policy's and value model's weights only."""
+    n = 8
+    zero2 = plan_of(tiny_config_folders, parallel=Parallelism("zero2", n, n, "gpu", "test"))
+    assert zero2["static"]["value AdamW states (12 B/param) (1/8)"] == math.ceil(
+        CLASSIFIER_PARAMS * DEEPSPEED_OPTIMIZER_BYTES / n
+    )
+    assert zero2["static"]["reward weights"] == CLASSIFIER_PARAMS * 4
+    zero3 = plan_of(tiny_config_folders, parallel=Parallelism("zero3", n, n, "gpu", "test"))
+    assert zero3["static"]["reward weights (1/8)"] == math.ceil(CLASSIFIER_PARAMS * 4 / n)
+    assert "policy + value weights gathered for generation" in zero3["phases"]["rollout: generation"]
+    fsdp = plan_of(tiny_config_folders, parallel=Parallelism("fsdp", n, n, "gpu", "test"))
+    assert fsdp["static"]["reward weights"] == CLASSIFIER_PARAMS * 4
+    assert fsdp["static"]["value weights (1/8)"] == math.ceil(CLASSIFIER_PARAMS * 4 / n)
+    assert zero3["peak_bytes"] < zero2["peak_bytes"]
+
+
+def test_activations_and_rollout_terms(tiny_config_folders):
+    """The tiny recipe: 4 episodes per update, mini-batches of 2 (micro-batch 2), 64 + 8 tokens, fp32."""
+    plan = plan_of(tiny_config_folders)
+    seq, micro, per_layer = 72, 2, 4 * H + 3 * Q + 3 * KV + 4 * I
+    training = plan["phases"]["training step"]
+    assert training["policy activations (2 seqs × 72 tokens)"] == micro * seq * LAYERS * per_layer * 4
+    assert training[f"policy logits ×3 [2, 72, {VOCAB}]"] == 3 * micro * seq * VOCAB * 4
+    generation = plan["phases"]["rollout: generation"]
+    assert generation[f"sampled-token logits, fp32 ×3 [4, 8, {VOCAB}]"] == 3 * 4 * 8 * VOCAB * 4
+    assert generation["KV cache [4 seqs × 72 tokens]"] == 2 * LAYERS * KV * 4 * seq * 4
+    checkpointed = plan_of(tiny_config_folders, "--activation_checkpointing", "true")["phases"]["training step"]
+    kept = micro * seq * (LAYERS * H + per_layer) * 4
+    assert checkpointed["policy activations (2 seqs × 72 tokens, checkpointed)"] == kept
+    assert plan["static"]["CUDA context and libraries"] == int(GPU_RUNTIME_GIB * GIB)
+
+
+def test_fixes_are_the_cheapest_that_fit(tiny_config_folders):
+    request = tiny_request(tiny_config_folders, "--use_peft", "true", "--reference", "separate")
+    plan = plan_memory(request.parse(), single_gpu())
+    # Declare a GPU just too small for the plan, and large enough without the second policy copy.
+    reference = next(m for m in plan.models if m.role == "reference").weight_bytes()
+    needed = (plan.peak_bytes - reference / 2) / 0.9 / GIB
+    request.hardware = Hardware("gpu", needed, 1, 1, "configs/accelerate/single_gpu.yaml")
+    assert not check_fit(plan, request.hardware).fits
+    fixes = cheapest_fixes(request)
+    assert fixes and all(len(option) == 1 for option in fixes)
+    assert fixes[0][0].flags == ("--reference", "adapter_disabled")
+
+
+def test_accelerate_configs_map_to_sharding():
+    expected = {
+        "cpu.yaml": ("none", 1, "cpu"),
+        "multi_cpu.yaml": ("ddp", 2, "cpu"),
+        "single_gpu.yaml": ("none", 1, "gpu"),
+        "multi_gpu.yaml": ("ddp", 8, "gpu"),
+        "deepspeed_zero2.yaml": ("zero2", 8, "gpu"),
+        "deepspeed_zero3.yaml": ("zero3", 8, "gpu"),
+        "fsdp.yaml": ("fsdp", 8, "gpu"),
+        "multi_node_zero3.yaml": ("zero3", 16, "gpu"),
+        "multi_node_fsdp.yaml": ("fsdp", 16, "gpu"),
+    }
+    for name, (strategy, processes, device) in expected.items():
+        parallel = parallelism_from_accelerate(f"configs/accelerate/{name}")
+        assert (parallel.strategy, parallel.processes, parallel.device) == (strategy, processes, device), name
+
+
+def test_hardware_file_is_strict(tmp_path):
+    recipe = tmp_path / "ppo.yaml"
+    (tmp_path / "hardware.yaml").write_text("ppo.yaml: {gpu_memory_gb: 24, gpus: 1, accelerate_config: x.yaml}\n")
+    with pytest.raises(RecipeError, match="unknown key.*gpus"):
+        load_hardware(str(recipe))
+    (tmp_path / "hardware.yaml").write_text("other.yaml: {gpu_memory_gb: 24, accelerate_config: x.yaml}\n")
+    assert load_hardware(str(recipe)) is None
+
+
+def test_unknown_model_names_what_to_add():
+    with pytest.raises(RecipeError, match="configs/model_configs/some-org/some-model/config.json"):
+        load_architecture("some-org/some-model", "model_name_or_path")
+    with pytest.raises(RecipeError, match="neither a model folder nor the output_dir"):
+        load_architecture("outputs/nothing/here", "reward_model_name_or_path")
+
+
+def test_plan_script_exit_codes(tmp_path, capsys):
+    plan = plan_script()
+    fits = plan.main(["--config", "configs/smollm2-135m/ppo.yaml"])
+    out = capsys.readouterr().out
+    assert fits == plan.FITS and "fits" in out and "peak per device" in out
+
+    too_small = tmp_path / "hardware.yaml"
+    too_small.write_text("device: gpu\ngpu_memory_gb: 24\naccelerate_config: configs/accelerate/single_gpu.yaml\n")
+    code = plan.main(["--config", "configs/qwen2.5-1.5b/ppo.yaml", "--hardware", str(too_small),
+                      "--activation_checkpointing", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == plan.DOES_NOT_FIT
+    assert "does NOT fit" in out and "--activation_checkpointing true" in out
+
+    with pytest.raises(RecipeError):
+        plan.main(["--config", "configs/qwen2.5-1.5b/ppo.yaml", "--no_such_field", "1"])
