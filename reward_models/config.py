@@ -29,7 +29,8 @@ class PreferenceArguments:
         default=DEFAULT_POLICY, metadata={"help": "Causal LM whose completions are compared: a folder or hub id."}
     )
     policy_dtype: str = field(
-        default="float32", metadata={"help": "dtype the policy samples in: float32 or bfloat16 (faster on CPUs with bf16)."}
+        default="float32",
+        metadata={"help": "dtype the policy samples in: float32 or bfloat16 (faster on CPUs with bf16)."},
     )
     prompts_name: str = field(
         default="data/sentiment_prompts",
@@ -38,7 +39,9 @@ class PreferenceArguments:
     prompts_column: str = field(default="prompt", metadata={"help": "Column of plain-text prompts (one user turn)."})
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
     max_test_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out prompts."})
-    gold_reward: str = field(default="sentiment", metadata={"help": "Gold function of reward_models.gold that labels pairs."})
+    gold_reward: str = field(
+        default="sentiment", metadata={"help": "Gold function of reward_models.gold that labels the pairs."}
+    )
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature (no top-k or top-p, as PPO samples rollouts)."}
     )
@@ -115,7 +118,9 @@ class RewardTrainingArguments(RewardConfig):
                   "training pairs."},
     )
     # Each checkpoint copies the whole model, and the kit saves the final, merged model itself.
-    save_strategy: str = field(default="no", metadata={"help": "Checkpoint every `save_steps` steps ('steps') or never ('no')."})
+    save_strategy: str = field(
+        default="no", metadata={"help": "Checkpoint every `save_steps` steps ('steps') or never ('no')."}
+    )
     # TRL turns this deprecated alias on by default; None lets `activation_checkpointing` (off unless set) decide:
     # recomputing activations costs a third more time, and small models do not need the memory.
     gradient_checkpointing: bool | None = field(

@@ -98,7 +98,9 @@ def _conversations(row: dict, index: int, source: str) -> tuple[list[dict], list
             )
         conversation = (prompt or []) + value
         if conversation[-1].get("role") != "assistant" or len(conversation) < 2:
-            raise RecipeError(f"{source}: row {index}: column '{column}' must end with an assistant turn after the prompt")
+            raise RecipeError(
+                f"{source}: row {index}: column '{column}' must end with an assistant turn after the prompt"
+            )
         conversations.append(conversation)
     if conversations[0][:-1] != conversations[1][:-1]:
         raise RecipeError(f"{source}: row {index}: 'chosen' and 'rejected' have different prompt turns")
@@ -193,7 +195,9 @@ def _padded_batches(
 
 
 @torch.no_grad()
-def sequence_scores(model: PreTrainedModel, sequences: list[list[int]], batch_size: int = SCORING_BATCH_SIZE) -> torch.Tensor:
+def sequence_scores(
+    model: PreTrainedModel, sequences: list[list[int]], batch_size: int = SCORING_BATCH_SIZE
+) -> torch.Tensor:
     """The model's score of each token sequence: float32 [len(sequences)]."""
     model.eval()
     scores = []
