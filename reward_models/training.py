@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from trl import RewardTrainer, get_peft_config
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -301,6 +301,8 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
         reference = list(reference_pairs["chosen_ids"]) + list(reference_pairs["rejected_ids"])
     state.print(pairs.describe(training.max_length))
     state.print(f"batches: {describe_batches(recipe, state.num_processes, len(pairs.train))}")
+    # The new score head is drawn from the global generator: seeded, the run is repeatable (TRL seeds only later).
+    set_seed(training.seed)
     model = load_reward_base(model_args, tokenizer)
     peft_config = get_peft_config(model_args)
     state.print(
