@@ -78,9 +78,13 @@ class ModelArguments(ModelConfig):
     ref_quantization: Literal["none", "8bit", "4bit"] = field(
         default="none", metadata={"help": "Load the separate reference model in full precision, 8-bit or 4-bit."}
     )
-    value_model_init: Literal["reward_model", "policy"] = field(
+    value_model_init: Literal["reward_model", "policy", "policy_trunk"] = field(
         default="reward_model",
-        metadata={"help": "Initialise the value model from the reward model (TRL's default) or the policy's base."},
+        metadata={
+            "help": "The critic: a separate model initialised from the reward model (TRL's default) or the policy's "
+            "base; or 'policy_trunk', a value head on the policy's own last hidden state (one forward gives "
+            "log-probs and values; no second network in memory; the value loss also trains the policy's weights)."
+        },
     )
     value_use_peft: bool = field(
         default=False,

@@ -12,11 +12,13 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,12 +28,12 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import GenerationConfig  # noqa: E402
+from transformers import GenerationConfig, PreTrainedModel  # noqa: E402
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 from trl.experimental.ppo.ppo_trainer import (  # noqa: E402
     INVALID_LOGPROB,
+    PolicyAndValueWrapper,
     batch_generation,
-    forward,
     masked_mean,
     masked_whiten,
     truncate_response,
@@ -153,6 +155,46 @@ class PromptOrder:
         return self.collate([self.dataset[i] for i in order[start : start + self.local_batch]])
 
 
+def model_inputs(query_responses: torch.Tensor, pad_id: int, response_width: int) -> dict:
+    """Forward arguments for left-padded prompts followed by responses [episodes, prompt_width + response_width]:
+    pads masked (and replaced by a real id), positions counted from each row's first token, and logits computed
+    only at the last `response_width + 1` positions (the lm_head over a large vocabulary is a large share of the
+    cost; only the positions that predict response tokens are used, the extra one is dropped by the callers)."""
+    attention_mask = query_responses != pad_id
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    return {
+        "input_ids": query_responses.masked_fill(~attention_mask, 0),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "logits_to_keep": response_width + 1,
+        "return_dict": True,
+    }
+
+
+class PolicyAndValue(PolicyAndValueWrapper):
+    """TRL's policy-and-critic wrapper with the kit's forward: `(logits, values)` at the `response_width`
+    positions that predict each response token, i.e. [episodes, response_width, vocab] and [episodes,
+    response_width]. With a value head on the policy's trunk (`models.ValueHead`) one forward of the policy gives
+    both; with a separate critic, the critic's backbone runs as well."""
+
+    def forward(self, query_responses: torch.Tensor, pad_id: int, response_width: int):
+        inputs = model_inputs(query_responses, pad_id, response_width)
+        shared_trunk = isinstance(self.critic_backbone, torch.nn.Identity)
+        output = self.policy(**inputs, output_hidden_states=shared_trunk)
+        if shared_trunk:
+            hidden = output.hidden_states[-1]
+        else:
+            inputs.pop("logits_to_keep")
+            hidden = self.critic_backbone(**inputs, output_hidden_states=True).hidden_states[-1]
+        values = self.value_model.score(hidden[:, -response_width - 1 : -1].to(self.value_model.score.weight.dtype))
+        return output.logits[:, :-1], values.squeeze(-1)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class RecipePPOTrainer(PPOTrainer):
     """TRL's PPOTrainer, plus saving everything a run produces (policy, tokenizer, value model), and what a reward
     model that scores text (`reward_models.sources.RewardSourceModel`) needs: where each batch's prompts end, and
@@ -169,6 +211,19 @@ class RecipePPOTrainer(PPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if unwrapped is not self.model:
             object.__setattr__(self.model, "policy", unwrapped.policy)
+        # TRL builds its policy-and-critic wrapper and prepares it (DDP, DeepSpeed) inside `__init__`; the kit's
+        # forward (response positions only, a shared trunk) goes on that same object, whose parameters, optimiser
+        # and distributed hooks stay as prepared. Gradients reach DDP's reducer only through the wrapper's forward.
+        unwrapped.__class__ = PolicyAndValue
+        # TRL's PPOTrainer never applies `activation_checkpointing` (transformers' Trainer does it in the `train()`
+        # TRL replaces): without this the setting, on by default in TRL's examples, saves nothing.
+        if self.args.activation_checkpointing:
+            for module in (unwrapped.policy, unwrapped.value_model):
+                if hasattr(module, "activation_checkpointing_enable"):
+                    module.activation_checkpointing_enable(
+                        activation_checkpointing_kwargs={"use_reentrant": False, **(self.args.activation_checkpointing_kwargs or {})}
+                    )
+        self.phase_seconds: dict[str, float] = {}
         # TRL scores each batch with `context_length` = the width of its left-padded prompts, which a reward model
         # that splits rows into prompt and completion text cannot see in its inputs; the loaders tell it as they
         # hand out each batch (training rollouts, and the evaluation batches of `generate_completions`).
@@ -218,9 +273,11 @@ class RecipePPOTrainer(PPOTrainer):
         self.model.train()
         for update in range(progress.update + 1, args.num_total_batches + 1):
             queries = order.batch(update)["input_ids"].to(accelerator.device)
+            self.phase_seconds = {}
             rollout = self.rollout(queries)
             finite = self._all_processes(rollout.is_finite())
-            stats = self.optimise(rollout) if finite else None
+            with self.phase("optimisation"):
+                stats = self.optimise(rollout) if finite else None
             finite = finite and stats is not None
             progress.update, progress.episode = update, progress.episode + args.batch_size
             progress.elapsed_seconds = time.time() - started
@@ -268,31 +325,34 @@ class RecipePPOTrainer(PPOTrainer):
             "top_p": 1.0,
             "do_sample": True,
         }
-        with unwrap_model_for_generation(
+        with self.phase("generation"), unwrap_model_for_generation(
             self.model, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation,
             generation_kwargs=generation_kwargs,
         ) as unwrapped:  # fmt: skip
-            query_responses, sampled_logits = batch_generation(
+            # The sampler's logits are dropped at once: log-probs come from the forward below.
+            query_responses = batch_generation(
                 unwrapped.policy, queries, args.local_rollout_forward_batch_size, pad_id,
                 GenerationConfig(**generation_kwargs),
-            )  # fmt: skip
-        value_model = self.accelerator.unwrap_model(self.model).value_model
+            )[0]  # fmt: skip
         parts = {key: [] for key in ("logprobs", "ref_logprobs", "values", "scores", "lengths", "ended")}
         step = args.local_rollout_forward_batch_size
-        for start in range(0, len(queries), step):
-            query_response = query_responses[start : start + step]
-            response = query_response[:, width:]
-            parts["logprobs"].append(selective_log_softmax(sampled_logits[start : start + step], response))
-            parts["ref_logprobs"].append(self._reference_logprobs(query_response, response, width))
-            # Scored as the text ends at the stop token; trained on as sampled (tokens after it are masked).
-            if self.stop_token_id is not None:
-                response = truncate_response(self.stop_token_id, pad_id, response)
-            parts["ended"].append((response == self.processing_class.eos_token_id).any(-1))
-            parts["lengths"].append(first_true_indices(response == pad_id) - 1)
-            full_values, _, _ = get_reward(value_model, query_response, pad_id, width)
-            parts["values"].append(full_values[:, width - 1 : -1].squeeze(-1))
-            _, score, _ = get_reward(self.reward_model, torch.cat((queries[start : start + step], response), 1), pad_id, width)
-            parts["scores"].append(score)
+        with self.phase("scoring"):
+            for start in range(0, len(queries), step):
+                query_response = query_responses[start : start + step]
+                response = query_response[:, width:]
+                # The rollout's log-probs come from the forward that training repeats (not from the sampler's
+                # logits, computed another way): the first PPO step starts at a ratio of exactly 1.
+                logits, values = self.model(query_response, pad_id, response.shape[1])
+                parts["logprobs"].append(selective_log_softmax(self._scaled(logits), response))
+                parts["values"].append(values)
+                parts["ref_logprobs"].append(self._reference_logprobs(query_response, response))
+                # Scored as the text ends at the stop token; trained on as sampled (tokens after it are masked).
+                if self.stop_token_id is not None:
+                    response = truncate_response(self.stop_token_id, pad_id, response)
+                parts["ended"].append((response == self.processing_class.eos_token_id).any(-1))
+                parts["lengths"].append(first_true_indices(response == pad_id) - 1)
+                scored = torch.cat((queries[start : start + step], response), 1)
+                parts["scores"].append(get_reward(self.reward_model, scored, pad_id, width)[1])
         logprobs, ref_logprobs, values, scores, lengths, ended = (
             torch.cat(parts[k]) for k in ("logprobs", "ref_logprobs", "values", "scores", "lengths", "ended")
         )
@@ -300,16 +360,28 @@ class RecipePPOTrainer(PPOTrainer):
             scores = torch.where(ended, scores, scores - self.args.missing_eos_penalty)
         return self._shape_rewards(query_responses, width, logprobs, ref_logprobs, values, scores, lengths)
 
-    def _reference_logprobs(self, query_response: torch.Tensor, response: torch.Tensor, width: int) -> torch.Tensor:
+    def _reference_logprobs(self, query_response: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
         """Log-probs of `response` [episodes, response_len] under the reference at the sampling temperature."""
-        pad_id = self.processing_class.pad_token_id
+        inputs = model_inputs(query_response, self.processing_class.pad_token_id, response.shape[1])
         if self.ref_model is None:
             with self.null_ref_context():
-                output = forward(self.model.policy, query_response, pad_id)
+                logits = self.model.policy(**inputs).logits[:, :-1]
         else:
-            output = forward(self.ref_model, query_response, pad_id)
-        logits = output.logits[:, width - 1 : -1] / (self.args.temperature + 1e-7)
-        return selective_log_softmax(logits, response)
+            logits = self.ref_model(**inputs).logits[:, :-1]
+        return selective_log_softmax(self._scaled(logits), response)
+
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits at the sampling temperature, in fp32 whatever the model's dtype (log-softmax needs the range)."""
+        return logits.float() / (self.args.temperature + 1e-7)
+
+    @contextmanager
+    def phase(self, name: str):
+        """Adds the wall time of the block to `phase_seconds[name]` (logged per update as `time/<name>`)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def _shape_rewards(self, query_responses, width, logprobs, ref_logprobs, values, scores, lengths) -> Rollout:
         """TRL's reward shaping and GAE: the score at each response's last token, −kl_coef × KL at every token,
@@ -353,7 +425,7 @@ class RecipePPOTrainer(PPOTrainer):
         args, accelerator = self.args, self.accelerator
         shape = (args.num_ppo_epochs, args.num_mini_batches, args.gradient_accumulation_steps)
         stats = {name: torch.zeros(shape, device=accelerator.device) for name in STAT_NAMES}
-        pad_id, width = self.processing_class.pad_token_id, rollout.prompt_width
+        pad_id, response_width = self.processing_class.pad_token_id, rollout.responses.shape[1]
         for epoch in range(args.num_ppo_epochs):
             order = np.random.permutation(args.local_batch_size)
             for mini, mini_start in enumerate(range(0, args.local_batch_size, args.local_mini_batch_size)):
@@ -361,9 +433,8 @@ class RecipePPOTrainer(PPOTrainer):
                 for micro, micro_start in enumerate(range(0, len(mini_batch), args.per_device_train_batch_size)):
                     index = mini_batch[micro_start : micro_start + args.per_device_train_batch_size]
                     with accelerator.accumulate(self.model):
-                        output, value_logits = forward(self.model, rollout.query_responses[index], pad_id)
-                        logits = output.logits[:, width - 1 : -1] / (args.temperature + 1e-7)
-                        losses = ppo_losses(args, rollout, index, logits, value_logits[:, width - 1 : -1].squeeze(-1))
+                        logits, values = self.model(rollout.query_responses[index], pad_id, response_width)
+                        losses = ppo_losses(args, rollout, index, self._scaled(logits), values)
                         if not self._all_processes(bool(torch.isfinite(losses["loss"]))):
                             self.optimizer.zero_grad()
                             return None
@@ -392,9 +463,15 @@ class RecipePPOTrainer(PPOTrainer):
                 metrics[key] = gather(stats[name])
             metrics["val/ratio_var"] = self.accelerator.gather_for_metrics(stats["ratio"]).var().item()
         metrics["val/num_eos_tokens"] = (rollout.responses == self.processing_class.eos_token_id).sum().item()
+        # Positions the sampler computed (rows that stopped early still take part until the last one stops).
+        metrics["time/sampled_positions"] = rollout.responses.numel() * self.accelerator.num_processes
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = progress.episode
         metrics["nonfinite/skipped_updates"] = progress.skipped_nonfinite
+        for name, seconds in self.phase_seconds.items():
+            metrics[f"time/{name}_s"] = seconds
+        self.phase_seconds = {}
+        metrics["memory/peak_rss_gib"] = peak_rss_gib()
         return metrics
 
     # -- agreement between processes -----------------------------------------------------------------------------
@@ -485,7 +562,8 @@ class RecipePPOTrainer(PPOTrainer):
         if self.accelerator.is_main_process:
             value_model = self.accelerator.unwrap_model(self.model).value_model
             value_model.save_pretrained(output_dir / "value_model")
-            self.processing_class.save_pretrained(output_dir / "value_model")
+            if isinstance(value_model, PreTrainedModel):  # a value head alone has no tokenizer of its own
+                self.processing_class.save_pretrained(output_dir / "value_model")
         self.accelerator.wait_for_everyone()
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
+from safetensors.torch import save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,7 +36,7 @@ class PPOModels:
 
     policy: PreTrainedModel
     reference: PreTrainedModel | None
-    value: PreTrainedModel
+    value: "PreTrainedModel | ValueHead"
     reward: torch.nn.Module
     """A sequence-classification model, or a `reward_models.sources.RewardSourceModel` presenting as one."""
     policy_peft_config: PeftConfig | None
@@ -256,10 +257,41 @@ def _load_sequence_classifier(
     return reward.eval().requires_grad_(False)
 
 
-def load_value_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The critic: a one-label sequence-classification model initialised from the reward model (its score head
-    included) or from the policy's base (a fresh score head); trained in full, or with LoRA when
-    `value_use_peft` (the score head then trains in full)."""
+class ValueHead(torch.nn.Module):
+    """The critic as a linear head on the policy's last hidden state (`value_model_init: policy_trunk`), in fp32
+    whatever the policy's dtype. It starts at zero: the first values are 0 and GAE starts from the raw returns.
+
+    TRL's trainer wraps the policy and the critic together and reads the critic's backbone as
+    `getattr(critic, critic.base_model_prefix)`; here that is an empty module, since the backbone is the policy's."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.backbone = torch.nn.Identity()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden_states.to(self.score.weight.dtype)).squeeze(-1)
+
+    def save_pretrained(self, output_dir: str | Path) -> None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, Path(output_dir) / VALUE_HEAD_FILE)
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def load_value_model(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, policy: PreTrainedModel
+) -> "PreTrainedModel | ValueHead":
+    """The critic: a value head on the policy's trunk (`policy_trunk`), or a one-label sequence-classification
+    model initialised from the reward model (its score head included) or from the policy's base (a fresh score
+    head), trained in full, or with LoRA when `value_use_peft` (the score head then trains in full)."""
+    if model_args.value_model_init == "policy_trunk":
+        return ValueHead(policy.config.get_text_config().hidden_size)
     if model_args.value_model_init == "reward_model":
         name, key = model_args.reward_model_name_or_path, "reward_model_name_or_path"
         if not name:
@@ -315,7 +347,7 @@ def load_ppo_models(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBa
     return PPOModels(
         policy=policy,
         reference=load_reference_model(model_args),
-        value=load_value_model(model_args, tokenizer),
+        value=load_value_model(model_args, tokenizer, policy),
         reward=reward,
         policy_peft_config=get_peft_config(model_args),
     )

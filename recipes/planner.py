@@ -58,9 +58,9 @@ HEADROOM = 0.10
 TRAINING_LOGITS_COPIES = 3
 """[micro-batch, sequence, vocab] tensors alive around the PPO loss step: the policy's logits, the log-softmax (and
 the entropy's softmax) computed from them, and their gradient."""
-GENERATION_LOGITS_COPIES = 3
-"""[local batch, response, vocab] fp32 tensors alive when TRL's `batch_generation` returns: the previous update's
-logits (still referenced), the per-chunk list and the padded stack built from it."""
+GENERATION_LOGITS_COPIES = 2
+"""[local batch, response, vocab] fp32 tensors alive when TRL's `batch_generation` returns: the per-chunk list and
+the padded stack built from it (the kit drops both at once; log-probs come from a forward)."""
 QUANT_BLOCK = 64
 """bitsandbytes 4-bit block size: one fp32 absmax per 64 values."""
 DEEPSPEED_OPTIMIZER_BYTES = 12
@@ -467,20 +467,25 @@ def recipe_models(recipe: Recipe) -> list[ModelMemory]:
     reward_arch = None
     if args.reward_model_name_or_path:
         reward_arch, reward_source = load_architecture(args.reward_model_name_or_path, "reward_model_name_or_path")
-    if args.value_model_init == "reward_model":
+    if args.value_model_init == "policy_trunk":  # a value head on the policy: hidden_size + 1 fp32 parameters
+        head = policy_arch.hidden_size + 1
+        policy.extra_params += head
+        policy.trainable_params += head
+    elif args.value_model_init == "reward_model":
         if reward_arch is None:
             raise RecipeError("value_model_init: 'reward_model' needs reward_model_name_or_path")
         value_name, value_arch, value_source = args.reward_model_name_or_path, reward_arch, reward_source
     else:
         value_name, value_arch, value_source = args.model_name_or_path, policy_arch, policy_source
-    value = ModelMemory("value", value_name, value_source, value_arch, "score", dtype, "none", "full")
-    if args.value_use_peft:
-        value.trainable = f"{lora} + score head"
-        value.extra_params = value_arch.lora_params(targets, args.lora_r, args.use_dora) + value_arch.hidden_size
-        value.trainable_params = value.extra_params
-    else:
-        value.trainable_params, value.trainable_bytes = value.params, DTYPE_BYTES[dtype]
-    models.append(value)
+    if args.value_model_init != "policy_trunk":
+        value = ModelMemory("value", value_name, value_source, value_arch, "score", dtype, "none", "full")
+        if args.value_use_peft:
+            value.trainable = f"{lora} + score head"
+            value.extra_params = value_arch.lora_params(targets, args.lora_r, args.use_dora) + value_arch.hidden_size
+            value.trainable_params = value.extra_params
+        else:
+            value.trainable_params, value.trainable_bytes = value.params, DTYPE_BYTES[dtype]
+        models.append(value)
 
     if reward_arch is not None:
         models.append(ModelMemory("reward", args.reward_model_name_or_path, reward_source, reward_arch, "score",
@@ -570,7 +575,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     models = recipe_models(recipe)
     training = recipe.training
     policy = models[0]
-    value = next(m for m in models if m.role == "value")
+    trained = [m for m in models if m.role in ("policy", "value")]  # no value model: a head on the policy's trunk
     dtype = policy.dtype
     act_bytes = activation_bytes_per_value(recipe, dtype)
     strategy, shards = parallel.strategy, parallel.shard_group
@@ -629,37 +634,38 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     ]  # fmt: skip
     if strategy == "zero3":
         if training.ds3_gather_for_generation:
-            whole = sum(m.weight_bytes() - math.ceil(m.weight_bytes() / shards) for m in (policy, value))
+            whole = sum(m.weight_bytes() - math.ceil(m.weight_bytes() / shards) for m in trained)
             generation.append(("policy + value weights gathered for generation", whole))
         else:
             generation += gather
     plan.phases["rollout: generation"] = generation
 
-    # The rollout runs the reference (or the policy with its adapter disabled), the value and the reward models one
-    # after the other on chunks of `chunk` sequences; the largest of these forwards sets the phase's peak.
-    scorers = [next((m for m in models if m.role == "reference"), policy), value]
+    # The rollout runs the reference (or the policy with its adapter disabled), the policy (log-probs; values too
+    # with a value head), the value and the reward models one after the other on chunks of `chunk` sequences; the
+    # largest of these forwards sets the phase's peak.
+    scorers = [next((m for m in models if m.role == "reference"), policy), *trained]
     scorers += [m for m in models if m.role == "reward"]
     forwards = []
-    for model in scorers:
+    for label, model in zip(["reference", *(m.role for m in scorers[1:])], scorers):
         a = model.architecture
         hidden = (a.num_layers + 1) * chunk * seq * a.hidden_size * act_bytes
-        logits = chunk * seq * a.vocab_size * act_bytes if model.head == "lm" else 0
-        forwards.append(("reference" if model.role == "policy" else model.role, hidden + logits))
+        # The kit computes causal-LM logits at the response positions only, and log-softmaxes them in fp32.
+        logits = chunk * (response + 1) * a.vocab_size * 4 if model.head == "lm" else 0
+        forwards.append((label, hidden + logits))
     worst_role, worst = max(forwards, key=lambda item: item[1])
     plan.phases["rollout: scoring"] = [
-        ("sampled-token logits kept for the update", sampled_logits),
         (f"largest forward: {worst_role}, {chunk} seqs (hidden states, logits)", worst),
         *gather,
     ]
 
-    training_items = [("sampled-token logits kept for the update", sampled_logits)]
+    training_items = []
     gradient_label = "gradients"
     if strategy in ("zero2", "zero3", "fsdp"):
         gradient_bytes, gradient_label = math.ceil(gradient_bytes / shards), f"gradients (1/{shards})"
     training_items.append((gradient_label, gradient_bytes))
     checkpointing = activation_checkpointing(recipe)
     tokens = micro * seq
-    for model in (policy, value):
+    for model in trained:
         a = model.architecture
         per_layer = a.activation_elements_per_token()
         kept = a.num_layers * a.hidden_size + per_layer if checkpointing else a.num_layers * per_layer
@@ -668,8 +674,8 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
              tokens * kept * act_bytes)
         )  # fmt: skip
     training_items.append(
-        (f"policy logits ×{TRAINING_LOGITS_COPIES} [{micro}, {seq}, {arch.vocab_size}]",
-         TRAINING_LOGITS_COPIES * tokens * arch.vocab_size * act_bytes)
+        (f"policy logits at response positions, fp32 ×{TRAINING_LOGITS_COPIES} [{micro}, {response}, {arch.vocab_size}]",
+         TRAINING_LOGITS_COPIES * micro * (response + 1) * arch.vocab_size * 4)
     )  # fmt: skip
     training_items += gather
     plan.phases["training step"] = training_items
@@ -868,12 +874,13 @@ def estimate_update_time(plan: MemoryPlan, recipe: Recipe, gpu: str) -> UpdateTi
     generation = math.ceil(local_batch / chunk) * response * step
 
     tokens = local_batch * seq
-    scored = [by_role.get("reference", policy), by_role["value"], *([by_role["reward"]] if "reward" in by_role else [])]
+    trained = [m for m in (policy, by_role.get("value")) if m is not None]
+    scored = [by_role.get("reference", policy), *trained, *([by_role["reward"]] if "reward" in by_role else [])]
     scoring = sum(2 * m.params * tokens * slowdown(m) for m in scored) / flops_per_s
 
     checkpointing = activation_checkpointing(recipe)
     train_flops = 0.0
-    for model in (policy, by_role["value"]):
+    for model in trained:
         per_token = 2 + (4 if model.trainable == "full" else 2) + (2 if checkpointing else 0)
         train_flops += per_token * model.params * slowdown(model)
     training_s = training.num_ppo_epochs * tokens * train_flops / flops_per_s

@@ -90,7 +90,7 @@ def test_reward_model_with_two_labels_is_refused(tiny_models, two_label_reward_m
 def test_value_model_is_a_trainable_one_label_classifier(tiny_models, init):
     args = model_args(tiny_models, value_model_init=init)
     tokenizer = load_tokenizer(args)
-    value = load_value_model(args, tokenizer)
+    value = load_value_model(args, tokenizer, load_policy(args))
     assert value.config.num_labels == 1
     assert value.config.pad_token_id == tokenizer.pad_token_id
     assert all(parameter.requires_grad for parameter in value.parameters())

@@ -172,7 +172,8 @@ def test_activations_and_rollout_terms(tiny_config_folders):
     seq, micro, per_layer = 72, 2, 4 * H + 3 * Q + 3 * KV + 4 * I
     training = plan["phases"]["training step"]
     assert training["policy activations (2 seqs × 72 tokens)"] == micro * seq * LAYERS * per_layer * 4
-    assert training[f"policy logits ×3 [2, 72, {VOCAB}]"] == 3 * micro * seq * VOCAB * 4
+    # Logits only where they predict response tokens (8 + 1 positions), in fp32.
+    assert training[f"policy logits at response positions, fp32 ×3 [2, 8, {VOCAB}]"] == 3 * micro * 9 * VOCAB * 4
     generation = plan["phases"]["rollout: generation"]
     assert generation[f"sampled-token logits, fp32 ×3 [4, 8, {VOCAB}]"] == 3 * 4 * 8 * VOCAB * 4
     assert generation["KV cache [4 seqs × 72 tokens]"] == 2 * LAYERS * KV * 4 * seq * 4
@@ -180,6 +181,16 @@ def test_activations_and_rollout_terms(tiny_config_folders):
     kept = micro * seq * (LAYERS * H + per_layer) * 4
     assert checkpointed["policy activations (2 seqs × 72 tokens, checkpointed)"] == kept
     assert plan["static"]["CUDA context and libraries"] == int(GPU_RUNTIME_GIB * GIB)
+
+
+def test_a_value_head_on_the_policy_trunk_removes_the_value_model(tiny_config_folders):
+    separate = plan_of(tiny_config_folders)
+    head = plan_of(tiny_config_folders, "--value_model_init", "policy_trunk")
+    assert [m["role"] for m in head["models"]] == ["policy", "reward"]
+    assert not any(label.startswith("value") for label in head["static"])
+    policy_adam = lambda plan: plan["static"]["policy AdamW states (8 B/param)"]  # noqa: E731
+    assert policy_adam(head) - policy_adam(separate) == (H + 1) * 8  # the head's two fp32 moments
+    assert head["peak_bytes"] < separate["peak_bytes"] - CLASSIFIER_PARAMS * 4 * 3  # weights, gradients, moments
 
 
 def test_fixes_are_the_cheapest_that_fit(tiny_config_folders):
