@@ -39,7 +39,7 @@ EPISODES, MINI_BATCHES, RESPONSE, EPOCHS = 16, 2, 48, 4
 WORKLOAD = [
     "--per_device_train_batch_size", str(EPISODES), "--local_rollout_forward_batch_size", str(EPISODES),
     "--num_mini_batches", str(MINI_BATCHES), "--response_length", str(RESPONSE), "--num_ppo_epochs", str(EPOCHS),
-    "--seed", "42", "--save_strategy", "no", "--report_to", "none", "--reward_model_name_or_path", REWARD_MODEL,
+    "--seed", "42", "--save_strategy", "no", "--report_to", "none", "--eval_every_updates", "0", "--reward_model_name_or_path", REWARD_MODEL,
 ]  # fmt: skip
 
 

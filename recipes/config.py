@@ -387,3 +387,25 @@ def plan_batches(training: PPOArguments, processes: int, train_prompts: int) -> 
             "draws per update: add prompts or lower per_device_train_batch_size / gradient_accumulation_steps"
         )
     return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders
+
+RESOLVED_RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_output_dir(output_dir: str | None, overwrite: bool, resuming: bool = False) -> Path:
+    """The output folder must be new or empty, unless `overwrite_output_dir` or the run resumes (nothing is ever
+    deleted)."""
+    if not output_dir:
+        raise RecipeError("output_dir is not set")
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise RecipeError(f"output_dir: {output_dir} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
+        raise RecipeError(
+            f"output_dir: {output_dir} is not empty; choose a new output_dir or pass --overwrite_output_dir true"
+        )
+    return path

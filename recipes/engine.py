@@ -73,6 +73,16 @@ class PPOArguments(PPOConfig):
         default=3,
         metadata={"help": "Stop after this many updates in a row skipped for a non-finite reward, advantage or loss."},
     )
+    eval_every_updates: int = field(
+        default=0,
+        metadata={"help": "Evaluate the policy against its reference on the held-out prompts every this many updates "
+                  "and after the last (0: never); logged as eval/<key>. See recipes.evaluation.HeldOutEvaluation."},
+    )
+    eval_reward_functions: list[str] | None = field(
+        default=None,
+        metadata={"help": "Reward functions the held-out evaluation reports beside the PPO reward's own sources "
+                  "(e.g. [sentiment], the gold the proxy reward model was learnt from)."},
+    )
     # TRL turns this deprecated alias on by default; None lets `activation_checkpointing` (off unless set) decide.
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
@@ -190,6 +200,26 @@ class PolicyAndValue(PolicyAndValueWrapper):
         return output.logits[:, :-1], values.squeeze(-1)
 
 
+class AdapterDisabled:
+    """The LoRA policy seen with its adapter disabled: the reference, for code that calls a model's `generate`
+    and forward."""
+
+    def __init__(self, policy, disabled_context):
+        self.policy, self.disabled_context = policy, disabled_context
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def generate(self, *args, **kwargs):
+        with self.disabled_context():
+            return self.policy.generate(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with self.disabled_context():
+            return self.policy(*args, **kwargs)
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -224,6 +254,8 @@ class RecipePPOTrainer(PPOTrainer):
                         activation_checkpointing_kwargs={"use_reentrant": False, **(self.args.activation_checkpointing_kwargs or {})}
                     )
         self.phase_seconds: dict[str, float] = {}
+        self.held_out_evaluation = None
+        """A `recipes.evaluation.HeldOutEvaluation`, run every `eval_every_updates` (set by `recipes.run`)."""
         # TRL scores each batch with `context_length` = the width of its left-padded prompts, which a reward model
         # that splits rows into prompt and completion text cannot see in its inputs; the loaders tell it as they
         # hand out each batch (training rollouts, and the evaluation batches of `generate_completions`).
@@ -285,7 +317,12 @@ class RecipePPOTrainer(PPOTrainer):
             progress.nonfinite_in_a_row = 0 if finite else progress.nonfinite_in_a_row + 1
             self.state.global_step, self.state.episode = update, progress.episode
             self.state.epoch = progress.episode / self.train_dataset_len
-            self.log(self.update_metrics(rollout, stats, progress))
+            metrics = self.update_metrics(rollout, stats, progress)
+            if self.held_out_evaluation is not None and self.held_out_evaluation.due(update, args.num_total_batches):
+                with self.phase("evaluation"):
+                    metrics.update(self.evaluate_held_out())
+                metrics["time/evaluation_s"] = self.phase_seconds.pop("evaluation")
+            self.log(metrics)
             self.lr_scheduler.step()
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
             if args.num_sample_generations > 0 and (update - 1) % self.sample_generations_freq == 0:
@@ -369,6 +406,21 @@ class RecipePPOTrainer(PPOTrainer):
         else:
             logits = self.ref_model(**inputs).logits[:, :-1]
         return selective_log_softmax(self._scaled(logits), response)
+
+    @torch.no_grad()
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The held-out evaluation of the current policy against the reference (the policy with its adapter
+        disabled, or the separate reference model). Every process runs it (sampling under ZeRO-3 needs all of them);
+        the training's random streams are left as they were."""
+        policy = self.accelerator.unwrap_model(self.model).policy
+        reference = self.ref_model if self.ref_model is not None else AdapterDisabled(policy, self.null_ref_context)
+        self.model.eval()
+        with torch.random.fork_rng(devices=[]), unwrap_model_for_generation(
+            self.model, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+        ):  # fmt: skip
+            results = self.held_out_evaluation(policy, reference)
+        self.model.train()
+        return results
 
     def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits at the sampling temperature, in fp32 whatever the model's dtype (log-softmax needs the range)."""

@@ -25,7 +25,7 @@ from recipes.config import DataArguments, ModelArguments, RecipeParser, save_res
 from recipes.data import load_raw_prompts, prompt_texts
 from recipes.errors import RecipeError
 from recipes.models import load_tokenizer, locate_model, torch_dtype
-from recipes.run import RESOLVED_RECIPE_FILE, check_output_dir
+from recipes.config import RESOLVED_RECIPE_FILE, check_output_dir
 
 RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -144,6 +144,16 @@ def load_reward_sources(evaluation: EvalArguments) -> list:
     return sources
 
 
+def held_out_prompts(data_args: DataArguments, tokenizer, seed: int) -> tuple[list[str], list[str], bool]:
+    """The held-out prompts (at most `max_eval_prompts`): as reward sources read them, as the models continue them
+    (chat template applied), and whether the tokenizer adds its special tokens to the latter."""
+    held_out = load_raw_prompts(data_args, seed=seed)["eval"]
+    if data_args.max_eval_prompts is not None:
+        held_out = held_out.select(range(min(data_args.max_eval_prompts, len(held_out))))
+    add_special_tokens = data_args.prompt_column in held_out.column_names and not data_args.prompt_as_user_message
+    return user_prompts(held_out, data_args), prompt_texts(held_out, data_args, tokenizer), add_special_tokens
+
+
 def user_prompts(dataset, data_args: DataArguments) -> list[str]:
     """The prompts as a reward source reads them: the plain prompt, or a chat's last user message."""
     if data_args.prompt_column in dataset.column_names:
@@ -166,8 +176,8 @@ def sample_completions(
     width = encoded["input_ids"].shape[1]
     rows, masks = [], []
     for start in tqdm(range(0, len(prompts), evaluation.batch_size), desc=desc, leave=False):
-        ids = encoded["input_ids"][start : start + evaluation.batch_size]
-        mask = encoded["attention_mask"][start : start + evaluation.batch_size]
+        ids = encoded["input_ids"][start : start + evaluation.batch_size].to(model.device)
+        mask = encoded["attention_mask"][start : start + evaluation.batch_size].to(model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -181,8 +191,8 @@ def sample_completions(
         )
         response = output[:, width:]
         response = torch.nn.functional.pad(response, (0, evaluation.response_length - response.shape[1]), value=tokenizer.pad_token_id)
-        rows.append(torch.cat([ids, response], 1))
-        masks.append(torch.cat([mask, response_mask(response, tokenizer.eos_token_id)], 1))
+        rows.append(torch.cat([ids, response], 1).cpu())
+        masks.append(torch.cat([mask, response_mask(response, tokenizer.eos_token_id)], 1).cpu())
     input_ids, attention_mask = torch.cat(rows), torch.cat(masks)
     response_ids, kept = input_ids[:, width:], attention_mask[:, width:].bool()
     lengths = kept.sum(1).tolist()
@@ -206,14 +216,14 @@ def response_logprobs(
     outputs = []
     width = completions.prompt_width
     for start in range(0, len(completions.texts), batch_size):
-        ids = completions.input_ids[start : start + batch_size]
-        mask = completions.attention_mask[start : start + batch_size]
+        ids = completions.input_ids[start : start + batch_size].to(model.device)
+        mask = completions.attention_mask[start : start + batch_size].to(model.device)
         # Left padding: positions count from each row's first real token.
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, width - 1 : -1]
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
         taken = logprobs.gather(-1, ids[:, width:].unsqueeze(-1)).squeeze(-1)
-        outputs.append(taken * mask[:, width:])
+        outputs.append((taken * mask[:, width:]).cpu())
     return torch.cat(outputs)
 
 
@@ -231,7 +241,7 @@ def perplexity_of_texts(model: PreTrainedModel, tokenizer, texts: list[str], bat
     """exp(mean negative log-likelihood per predicted token) over all texts (each token after a text's first)."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt")
+        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(model.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
@@ -336,6 +346,51 @@ def evaluate_policy(
     return results, samples
 
 
+@dataclass
+class HeldOutEvaluation:
+    """The evaluation above, run inside a PPO run every `every` updates on the recipe's held-out prompts
+    (`eval_every_updates`; at most `max_eval_prompts`): the policy against its reference, judged by the PPO reward's
+    sources and the recipe's `eval_reward_functions` (e.g. a gold function), sampled as in training. The trainer
+    logs the results as `eval/<key>`, e.g. `eval/reward/sentiment/mean`, `eval/kl/k1/mean`."""
+
+    every: int
+    tokenizer: Any
+    prompts: list[str]
+    rendered_prompts: list[str]
+    add_special_tokens: bool
+    sources: list
+    evaluation: EvalArguments
+
+    @classmethod
+    def for_ppo_recipe(cls, recipe, tokenizer) -> "HeldOutEvaluation | None":
+        training, model_args = recipe.training, recipe.model
+        if not training.eval_every_updates:
+            return None
+        evaluation = EvalArguments(
+            reward_models=[model_args.reward_model_name_or_path] if model_args.reward_model_name_or_path else None,
+            reward_functions=[*(model_args.reward_functions or []), *(training.eval_reward_functions or [])] or None,
+            response_length=training.response_length,
+            temperature=training.temperature,
+            batch_size=training.per_device_eval_batch_size,
+            seed=training.seed,
+        )
+        prompts, rendered, add_special_tokens = held_out_prompts(recipe.data, tokenizer, training.seed)
+        if not prompts:
+            raise RecipeError("eval_every_updates: the recipe has no held-out prompts (dataset_test_split)")
+        sources = load_reward_sources(evaluation)
+        return cls(training.eval_every_updates, tokenizer, prompts, rendered, add_special_tokens, sources, evaluation)
+
+    def due(self, update: int, last_update: int) -> bool:
+        return update % self.every == 0 or update == last_update
+
+    def __call__(self, policy, reference) -> dict[str, float]:
+        results, _ = evaluate_policy(
+            policy, reference, self.tokenizer, self.prompts, self.rendered_prompts, self.add_special_tokens,
+            self.sources, self.evaluation,
+        )  # fmt: skip
+        return {f"eval/{key}": value for key, value in results.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The script
 
@@ -349,11 +404,7 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     reference_name = evaluation.reference_name_or_path or default_reference(policies[0])
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=_tokenizer_source(policies[0], reference_name)))
     sources = load_reward_sources(evaluation)
-    held_out = load_raw_prompts(data_args, seed=evaluation.seed)["eval"]
-    if data_args.max_eval_prompts is not None:
-        held_out = held_out.select(range(min(data_args.max_eval_prompts, len(held_out))))
-    prompts, rendered = user_prompts(held_out, data_args), prompt_texts(held_out, data_args, tokenizer)
-    add_special_tokens = data_args.prompt_column in held_out.column_names and not data_args.prompt_as_user_message
+    prompts, rendered, add_special_tokens = held_out_prompts(data_args, tokenizer, evaluation.seed)
     perplexity_texts = _load_texts(evaluation.perplexity_texts) if evaluation.perplexity_texts else None
     reference_path = locate_model(reference_name, "reference_name_or_path")
     reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch_dtype(evaluation.dtype)).eval()

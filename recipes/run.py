@@ -9,30 +9,14 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import set_seed
 
-from recipes.config import Recipe, plan_batches
-from recipes.data import load_prompts
+from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, Recipe, check_output_dir, plan_batches
+from recipes.data import PromptSplits, load_prompts
 from recipes.engine import CHECKPOINTS_DIR, PROGRESS_FILE, RecipePPOTrainer, complete_checkpoints
 from recipes.errors import RecipeError
-from recipes.models import describe_reward, load_ppo_models, load_tokenizer, reference_mode
+from recipes.evaluation import HeldOutEvaluation
+from recipes.models import PPOModels, describe_reward, load_ppo_models, load_tokenizer, reference_mode
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 
-RESOLVED_RECIPE_FILE = "recipe.yaml"
-METRICS_FILE = "metrics.jsonl"
-
-
-def check_output_dir(output_dir: str | None, overwrite: bool, resuming: bool = False) -> Path:
-    """The output folder must be new or empty, unless `overwrite_output_dir` or the run resumes (nothing is ever
-    deleted)."""
-    if not output_dir:
-        raise RecipeError("output_dir is not set")
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise RecipeError(f"output_dir: {output_dir} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resuming):
-        raise RecipeError(
-            f"output_dir: {output_dir} is not empty; choose a new output_dir or pass --overwrite_output_dir true"
-        )
-    return path
 
 
 def run_ppo(recipe: Recipe) -> Path:
@@ -56,6 +40,7 @@ def run_ppo(recipe: Recipe) -> Path:
         f"reference {reference_mode(model_args)}, value from {model_args.value_model_init}, "
         f"reward {describe_reward(model_args)}"
     )
+    held_out = HeldOutEvaluation.for_ppo_recipe(recipe, tokenizer)  # its reward sources load (or fail) here
     # Every process has checked the output folder before the main one writes into it.
     state.wait_for_everyone()
 
@@ -70,18 +55,7 @@ def run_ppo(recipe: Recipe) -> Path:
             run_id = _progress(resume_from).get("wandb_run_id") if resume_from else None
             start_wandb_run(training.wandb_project, training.run_name, training.wandb_tags, recipe.to_dict(), run_id)
 
-    trainer = RecipePPOTrainer(
-        args=training,
-        processing_class=tokenizer,
-        model=models.policy,
-        ref_model=models.reference,
-        reward_model=models.reward,
-        value_model=models.value,
-        train_dataset=prompts.train,
-        eval_dataset=prompts.eval,
-        peft_config=models.policy_peft_config,
-        callbacks=[MetricsFileCallback(output_dir / METRICS_FILE)],
-    )
+    trainer = make_trainer(recipe, tokenizer, prompts, models, held_out, [MetricsFileCallback(output_dir / METRICS_FILE)])
     if resume_from is not None and state.is_main_process:
         keep_metrics_until(output_dir / METRICS_FILE, _progress(resume_from)["update"])
     progress = trainer.train(resume_from=resume_from)
@@ -95,6 +69,31 @@ def run_ppo(recipe: Recipe) -> Path:
         finish_wandb_run()
     state.print(f"saved policy, value model, {RESOLVED_RECIPE_FILE} and {METRICS_FILE} to {output_dir}")
     return output_dir
+
+
+def make_trainer(
+    recipe: Recipe,
+    tokenizer,
+    prompts: PromptSplits,
+    models: PPOModels,
+    held_out: HeldOutEvaluation | None = None,
+    callbacks=(),
+) -> RecipePPOTrainer:
+    """The kit's PPO trainer over loaded models and prompts, with its held-out evaluation (if any)."""
+    trainer = RecipePPOTrainer(
+        args=recipe.training,
+        processing_class=tokenizer,
+        model=models.policy,
+        ref_model=models.reference,
+        reward_model=models.reward,
+        value_model=models.value,
+        train_dataset=prompts.train,
+        eval_dataset=prompts.eval,
+        peft_config=models.policy_peft_config,
+        callbacks=list(callbacks),
+    )
+    trainer.held_out_evaluation = held_out
+    return trainer
 
 
 def checkpoint_to_resume(output_dir: str | None, explicit: str | None, overwrite: bool) -> Path | None:

@@ -26,7 +26,7 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 from recipes.data import load_raw_prompts
 from recipes.errors import RecipeError
 from recipes.models import load_tokenizer, locate_model, torch_dtype
-from recipes.run import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
+from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
 from reward_models.preferences import read_preference_file

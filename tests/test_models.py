@@ -10,6 +10,7 @@ from recipes.models import (
     load_reference_model,
     load_reward_model,
     load_tokenizer,
+    ValueHead,
     load_value_model,
     reference_mode,
 )
@@ -103,3 +104,15 @@ def test_missing_model_folder_is_named(tiny_models, tmp_path):
     absent = tmp_path / "absent"
     with pytest.raises(RecipeError, match=rf"model_name_or_path: .*{absent}"):
         load_tokenizer(model_args(tiny_models, model_name_or_path=str(absent)))
+
+
+def test_value_head_on_the_policy_trunk_starts_at_zero(tiny_models):
+    args = model_args(tiny_models, value_model_init="policy_trunk")
+    policy = load_policy(args)
+    head = load_value_model(args, load_tokenizer(args), policy)
+    assert isinstance(head, ValueHead)
+    hidden = torch.randn(2, 5, policy.config.hidden_size, dtype=torch.bfloat16)
+    values = head(hidden)
+    assert values.shape == (2, 5) and values.dtype == torch.float32
+    assert torch.equal(values, torch.zeros(2, 5))
+    assert sum(p.numel() for p in head.parameters()) == policy.config.hidden_size + 1

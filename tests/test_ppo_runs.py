@@ -41,6 +41,8 @@ class Case:
     lora: bool
     reference: str  # as the run's log names it
     prompts: str = "jsonl"  # which prompt file of the `prompt_files` fixture
+    value_head: bool = False  # value_model_init: policy_trunk
+    evaluated: bool = False  # eval_every_updates: 1
 
 
 CASES = {
@@ -54,6 +56,10 @@ CASES = {
     "full_finetune_reference_copy": Case(["--use_peft", "false", "--prompt_as_user_message", "false"], 4, False,
                                          "separate"),
     "qlora": Case(["--use_peft", "true", "--load_in_4bit", "true"], 4, True, "adapter_disabled"),
+    # The default SmolLM2 recipe's shape: bf16 weights, a value head on the policy, a held-out evaluation.
+    "bf16_value_head_evaluated": Case(["--dtype", "bfloat16", "--value_model_init", "policy_trunk",
+                                       "--eval_every_updates", "1", "--eval_reward_functions", "sentiment"], 8, True,
+                                      "adapter_disabled", value_head=True, evaluated=True),
 }  # fmt: skip
 
 
@@ -137,8 +143,20 @@ def test_ppo_run(case: Case, tiny_models, prompt_files, tmp_path, capsys):
         policy = AutoModelForCausalLM.from_pretrained(output_dir)
     generates(policy, tokenizer)
 
-    # The value model: a one-label classifier, trained from the reward model.
+    # The held-out evaluation after each update: the PPO reward and the gold function, KL, win-rate.
+    for line in metrics:
+        keys = {"eval/reward/reward/mean", "eval/reward/sentiment/mean", "eval/kl/k1/mean", "eval/win_rate/sentiment"}
+        assert keys <= line.keys() if case.evaluated else not any(key.startswith("eval/") for key in line)
+        if case.evaluated:
+            assert line["eval/num_prompts"] == 2 and line["time/evaluation_s"] > 0  # the held-out split
+
     value_dir = output_dir / "value_model"
+    if case.value_head:  # a linear head on the policy's last hidden state, trained from zero
+        head = load_file(value_dir / "value_head.safetensors")
+        assert head["score.weight"].shape == (1, policy.config.hidden_size)
+        assert head["score.weight"].abs().sum() > 0
+        return
+    # The value model: a one-label classifier, trained from the reward model.
     value = AutoModelForSequenceClassification.from_pretrained(value_dir)
     assert value.config.num_labels == 1
     assert (value_dir / "tokenizer.json").is_file()
