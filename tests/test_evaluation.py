@@ -20,6 +20,7 @@ from recipes.evaluation import (
 from recipes.tiny_models import tiny_llama_config
 from reward_models.sources import FunctionSource
 from tests.conftest import PROMPTS, REPO_ROOT, run_python
+from tests.wandb_records import history_rows, read_wandb_records, summary
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,8 @@ def test_win_rate_counts_ties_half_and_distinct_n():
 
 @pytest.mark.slow
 def test_checkpoint_sweep_writes_one_row_per_checkpoint_and_a_plot(tiny_models, prompt_files, tmp_path):
+    """Also to W&B (offline): one history row per checkpoint with the same figures, the last as the summary, the
+    sample table and the reward-vs-KL image."""
     checkpoints = []
     for seed in (1, 2):
         folder = tmp_path / f"checkpoint-{seed}"
@@ -115,11 +118,22 @@ def test_checkpoint_sweep_writes_one_row_per_checkpoint_and_a_plot(tiny_models, 
             "--reward_models", str(tiny_models["reward"]),
             "--dataset_name", str(prompt_files["jsonl"]),
             "--output_dir", str(output_dir),
+            "--report_to", "wandb",
         ],
         cwd=REPO_ROOT,
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [json.loads(line) for line in (output_dir / "sweep.jsonl").read_text().splitlines()]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    logged = [row for row in history_rows(records) if "kl/k1/mean" in row]
+    assert [row["kl/k1/mean"] for row in logged] == pytest.approx([row["kl/k1/mean"] for row in rows], rel=1e-9)
+    assert [row["reward/sentiment/mean"] for row in logged] == pytest.approx([row["reward/sentiment/mean"] for row in rows])
+    final = summary(records)
+    assert final["win_rate/sentiment"] == pytest.approx(rows[-1]["win_rate/sentiment"])
+    assert final["samples/_type"] == "table-file" and final["samples/nrows"] == rows[-1]["num_prompts"]
+    assert final["reward_vs_kl/_type"] == "image-file"
     assert [row["policy"] for row in rows] == checkpoints
     assert all(row["kl/k1/mean"] != 0 for row in rows)
     assert (output_dir / "reward_vs_kl.png").stat().st_size > 1000
