@@ -16,7 +16,7 @@ PPO_FLAGS ?=
 EVAL_FLAGS ?=
 LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
 
-.PHONY: venv model preferences reward-model ppo evaluate demo test clean
+.PHONY: venv model preferences reward-model ppo evaluate demo bench test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ demo: model
 	$(MAKE) reward-model
 	$(MAKE) ppo
 	$(MAKE) evaluate
+
+# The standard PPO workload, the kit's default recipe beside TRL's `--use_peft` example configuration (not a test):
+# writes bench/results.json and bench/RESULTS.md. Trains the default reward model first if it is absent.
+BENCH_FLAGS ?=
+bench: model
+	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
+	$(BIN)/python bench/ppo_bench.py $(BENCH_FLAGS)
 
 test: model
 	$(BIN)/python -m pytest

@@ -6,6 +6,11 @@ names defined here (`PPOArguments`, `RecipePPOTrainer`), so the engine can be sw
 `RecipePPOTrainer` keeps TRL's construction, PPO mathematics and metric names, and runs its own update loop
 (`train`), built from TRL's rollout helpers, because TRL's `train()` cannot stop and continue: the kit's loop
 checkpoints every `save_steps` updates and on SIGTERM, resumes exactly, and skips updates with non-finite values.
+
+It also does less work per update than TRL's loop (bench/RESULTS.md): the policy's logits are computed only at
+the positions that predict response tokens; the critic can be a value head on the policy's trunk (one forward
+gives log-probs and values); the rollout's log-probs come from the same forward as training's, so the sampler's
+full-vocabulary logits are not kept. Each update logs the seconds of its phases and the peak memory.
 """
 
 import json
