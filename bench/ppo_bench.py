@@ -55,6 +55,8 @@ class Configuration:
 
 CONFIGURATIONS = [
     Configuration("kit", "kit default recipe (configs/smollm2-135m/ppo.yaml)", [], "bfloat16", False),
+    # The same in fp32: whether bf16 changes the learning curve beyond noise.
+    Configuration("kit_fp32", "kit default recipe in fp32", ["--dtype", "float32"], "float32", False),
     # TRL's example with --use_peft: LoRA policy whose adapter disabled is the reference, a full-size critic from
     # the reward model trained in full, fp32. The example also sets gradient_checkpointing, which TRL's PPOTrainer
     # never applies (transformers' Trainer does, in the train() TRL replaces), so it is off here as it is there.
@@ -174,8 +176,7 @@ def benchmark(config: Configuration, workdir: Path, updates: int) -> dict:
         "sampled_tokens_per_second": sampled / phases["generation"]["median_s"],
         "peak_rss_gib": max(m["memory/peak_rss_gib"] for m in metrics),
         "prompt_width_median": prompt_width,
-        "kl_objective_last": metrics[-1]["objective/kl"],
-        "proxy_score_first_last": [metrics[0]["objective/scores"], metrics[-1]["objective/scores"]],
+        "curve": {key: [m[key] for m in metrics] for key in ("objective/scores", "objective/kl", "objective/rlhf_reward")},
         "quality": {k: v for k, v in quality.items() if isinstance(v, (int, float))},
     }
 
@@ -241,6 +242,24 @@ def markdown(results: dict) -> str:
     ]:
         if key in kit["quality"] and key in trl["quality"]:
             lines.append(row(name, q(key), "{:.3f}", ratio=False))
+    fp32 = results["configurations"].get("kit_fp32")
+    if fp32:
+        lines += [
+            "",
+            "## bf16 against fp32, the kit's recipe otherwise unchanged",
+            "",
+            "| | kit, bf16 | kit, fp32 |",
+            "|---|---|---|",
+            f"| seconds per update, median | {kit['seconds_per_update']['median']:.1f} | "
+            f"{fp32['seconds_per_update']['median']:.1f} |",
+            f"| peak RSS, GiB | {kit['peak_rss_gib']:.2f} | {fp32['peak_rss_gib']:.2f} |",
+        ]
+        for key, name in [("objective/scores", "proxy score of the rollouts"), ("objective/kl", "KL of the rollouts")]:
+            for label, part in (("first 4 updates", slice(0, 4)), ("last 4 updates", slice(-4, None))):
+                a, b = (statistics.mean(r["curve"][key][part]) for r in (kit, fp32))
+                lines.append(f"| {name}, mean over the {label} | {a:.3f} | {b:.3f} |")
+        for key, name in [("reward/sentiment/mean", "gold reward after (held-out)"), ("kl/k1/mean", "KL after (held-out)")]:
+            lines.append(f"| {name} | {kit['quality'][key]:.3f} | {fp32['quality'][key]:.3f} |")
     lines += ["", "How the FLOPs are counted: `bench/ppo_bench.py`, `phase_flops`. Raw figures: `bench/results.json`."]
     return "\n".join(lines) + "\n"
 

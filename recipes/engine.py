@@ -508,7 +508,8 @@ class RecipePPOTrainer(PPOTrainer):
         response_mask = (~rollout.padding_mask).float()
         mean_non_score = rollout.non_score_reward.sum(1).mean()
         metrics = {
-            "eps": int(progress.episode / max(progress.elapsed_seconds, 1e-9)),
+            # TRL rounds episodes/s down to an integer, which reads 0 on a CPU; the same name, unrounded.
+            "eps": progress.episode / max(progress.elapsed_seconds, 1e-9),
             "objective/kl": gather(rollout.kl.sum(1).mean()),
             "objective/entropy": gather((-rollout.logprobs * response_mask).sum(1).mean()),
             "objective/non_score_reward": gather(mean_non_score),
