@@ -362,12 +362,18 @@ class HeldOutEvaluation:
     evaluation: EvalArguments
 
     @classmethod
-    def for_ppo_recipe(cls, recipe, tokenizer) -> "HeldOutEvaluation | None":
+    def for_ppo_recipe(cls, recipe, tokenizer, reward_model=None) -> "HeldOutEvaluation | None":
+        """`reward_model`: the PPO run's own, scored through rather than loaded again when it is a plain
+        classifier that reads the policy's tokens."""
+        from reward_models.sources import ModelSource
+
         training, model_args = recipe.training, recipe.model
         if not training.eval_every_updates:
             return None
+        reward_path = model_args.reward_model_name_or_path
+        shared = reward_path and model_args.reward_model_tokenizer == "policy" and isinstance(reward_model, PreTrainedModel)
         evaluation = EvalArguments(
-            reward_models=[model_args.reward_model_name_or_path] if model_args.reward_model_name_or_path else None,
+            reward_models=[reward_path] if reward_path and not shared else None,
             reward_functions=[*(model_args.reward_functions or []), *(training.eval_reward_functions or [])] or None,
             response_length=training.response_length,
             temperature=training.temperature,
@@ -377,7 +383,9 @@ class HeldOutEvaluation:
         prompts, rendered, add_special_tokens = held_out_prompts(recipe.data, tokenizer, training.seed)
         if not prompts:
             raise RecipeError("eval_every_updates: the recipe has no held-out prompts (dataset_test_split)")
-        sources = load_reward_sources(evaluation)
+        sources = [ModelSource(reward_model, tokenizer, name=Path(reward_path).name)] if shared else []
+        if evaluation.reward_models or evaluation.reward_functions:
+            sources += load_reward_sources(evaluation)
         return cls(training.eval_every_updates, tokenizer, prompts, rendered, add_special_tokens, sources, evaluation)
 
     def due(self, update: int, last_update: int) -> bool:

@@ -40,7 +40,7 @@ def run_ppo(recipe: Recipe) -> Path:
         f"reference {reference_mode(model_args)}, value from {model_args.value_model_init}, "
         f"reward {describe_reward(model_args)}"
     )
-    held_out = HeldOutEvaluation.for_ppo_recipe(recipe, tokenizer)  # its reward sources load (or fail) here
+    held_out = HeldOutEvaluation.for_ppo_recipe(recipe, tokenizer, models.reward)  # its sources load (or fail) here
     # Every process has checked the output folder before the main one writes into it.
     state.wait_for_everyone()
 
