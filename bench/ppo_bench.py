@@ -62,7 +62,8 @@ CONFIGURATIONS = [
     # never applies (transformers' Trainer does, in the train() TRL replaces), so it is off here as it is there.
     Configuration(
         "trl_use_peft", "TRL example `--use_peft` configuration",
-        ["--value_model_init", "reward_model", "--dtype", "float32"], "float32", True,
+        ["--value_model_init", "reward_model", "--reward_model_tokenizer", "policy", "--dtype", "float32"], "float32",
+        True,
     ),  # fmt: skip
 ]
 
