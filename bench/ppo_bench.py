@@ -163,7 +163,7 @@ def benchmark(config: Configuration, workdir: Path, updates: int) -> dict:
         seconds = [m[f"time/{phase}_s"] for m in metrics]
         phases[phase] = {"min_s": min(seconds), "median_s": statistics.median(seconds)}
     per_update = [sum(m[f"time/{p}_s"] for p in phases) for m in metrics]
-    sampled = statistics.median(m["time/sampled_positions"] for m in metrics)
+    sampled = statistics.median(m["rollout/sampled_positions"] for m in metrics)
     prompt_width = round(sampled / EPISODES) - RESPONSE if sampled / EPISODES > RESPONSE else 0
     return {
         "label": config.label,

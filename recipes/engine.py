@@ -522,7 +522,7 @@ class RecipePPOTrainer(PPOTrainer):
             metrics["val/ratio_var"] = self.accelerator.gather_for_metrics(stats["ratio"]).var().item()
         metrics["val/num_eos_tokens"] = (rollout.responses == self.processing_class.eos_token_id).sum().item()
         # Positions the sampler computed (rows that stopped early still take part until the last one stops).
-        metrics["time/sampled_positions"] = rollout.responses.numel() * self.accelerator.num_processes
+        metrics["rollout/sampled_positions"] = rollout.responses.numel() * self.accelerator.num_processes
         metrics["lr"] = self.lr_scheduler.get_last_lr()[0]
         metrics["episode"] = progress.episode
         metrics["nonfinite/skipped_updates"] = progress.skipped_nonfinite
