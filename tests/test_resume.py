@@ -21,6 +21,7 @@ UPDATES = 4
 # 4 episodes per update × 4 updates; a checkpoint after every update.
 RUN_FLAGS = ("--total_episodes", str(4 * UPDATES), "--save_steps", "1", "--save_total_limit", "3")
 TIME_DEPENDENT = {"eps"}
+MACHINE_DEPENDENT_PREFIXES = ("time/", "memory/")  # phase seconds, peak RSS
 
 
 def _flags(tiny_models, prompt_files, output_dir, *extra):
@@ -55,7 +56,10 @@ def _final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _comparable(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIME_DEPENDENT} for row in metrics]
+    return [
+        {k: v for k, v in row.items() if k not in TIME_DEPENDENT and not k.startswith(MACHINE_DEPENDENT_PREFIXES)}
+        for row in metrics
+    ]
 
 
 @pytest.fixture(scope="module")
