@@ -20,6 +20,7 @@ from trl import get_peft_config
 from recipes.config import ModelArguments
 from recipes.errors import RecipeError
 from recipes.model_cache import OFFLINE_MODELS, hub_reachable, resolve_model_path
+from recipes.padding import unused_special_token
 from reward_models.sources import FunctionSource, ModelSource, RewardSourceModel, WeightedSum
 
 # Models the kit itself makes, by path prefix, and the command that makes them.
@@ -120,24 +121,10 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
             raise RecipeError(f"pad_token: '{model_args.pad_token}' is not in the tokenizer's vocabulary")
         tokenizer.pad_token = model_args.pad_token
     elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.pad_token = _unused_special_token(tokenizer)
+        tokenizer.pad_token = unused_special_token(tokenizer)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise RecipeError("pad_token: the pad token must differ from the EOS token for PPO")
     return tokenizer
-
-
-def _unused_special_token(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A special token that is neither EOS nor BOS nor used by the chat template, so it never occurs in prompts
-    or responses."""
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    reserved = {tokenizer.eos_token, tokenizer.bos_token}
-    for token in [tokenizer.unk_token, *tokenizer.all_special_tokens]:
-        if token and token not in reserved and token not in template:
-            return token
-    raise RecipeError(
-        "pad_token: the tokenizer has no pad token distinct from EOS and no spare special token; "
-        "set pad_token to a token of its vocabulary that never occurs in the data"
-    )
 
 
 def load_policy(model_args: ModelArguments) -> PreTrainedModel:

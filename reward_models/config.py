@@ -22,8 +22,8 @@ DEFAULT_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 @dataclass
 class PreferenceArguments:
-    """How `scripts/build_preferences.py` makes pairs: two completions sampled from a policy for each prompt,
-    judged by a gold reward; pairs whose gold scores differ enough are kept."""
+    """How `scripts/build_preferences.py` makes pairs: completions sampled from a policy for each prompt, judged
+    by a gold reward; every two of a prompt's completions whose gold scores differ enough make a pair."""
 
     policy_name_or_path: str = field(
         default=DEFAULT_POLICY, metadata={"help": "Causal LM whose completions are compared: a folder or hub id."}
@@ -45,9 +45,16 @@ class PreferenceArguments:
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature (no top-k or top-p, as PPO samples rollouts)."}
     )
-    max_new_tokens: int = field(default=48, metadata={"help": "Longest completion, in tokens."})
+    completions_per_prompt: int = field(
+        default=2,
+        metadata={"help": "Completions sampled per prompt; every two of them may make a pair (k give up to "
+                  "k(k-1)/2 pairs)."},
+    )
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Longest completion, in tokens (use the PPO recipe's response_length)."}
+    )
     generation_batch_size: int = field(
-        default=32, metadata={"help": "Prompts per generate call (each gives two completions)."}
+        default=32, metadata={"help": "Prompts per generate call (each gives completions_per_prompt completions)."}
     )
     min_score_gap: float = field(
         default=0.3,
@@ -112,10 +119,18 @@ class RewardTrainingArguments(RewardConfig):
             "help": "After training, move the score head so that the mean score over the reference completions is 0."
         },
     )
+    normalize_rewards: bool = field(
+        default=False,
+        metadata={
+            "help": "After training, centre the scores (as center_rewards) and scale them to standard deviation 1 "
+            "over the reference completions, so that a PPO recipe's kl_coef weighs the KL against rewards of a "
+            "known spread."
+        },
+    )
     center_rewards_reference: str | None = field(
         default=None,
-        metadata={"help": "Preference file whose chosen and rejected completions are the reference. Default: the "
-                  "training pairs."},
+        metadata={"help": "Preference file whose chosen and rejected completions are the reference of "
+                  "center_rewards and normalize_rewards. Default: the training pairs."},
     )
     # Each checkpoint copies the whole model, and the kit saves the final, merged model itself.
     save_strategy: str = field(

@@ -1,7 +1,10 @@
 """Preference pairs labelled by a gold reward: the data a reward model learns from.
 
-For each prompt the policy samples two completions; the gold function scores both; the pair is kept when the
-scores differ by at least `min_score_gap`, the higher-scored completion as `chosen`. Each split is written as
+For each prompt the policy samples `completions_per_prompt` completions; the gold function scores them; every
+two of them whose scores differ by at least `min_score_gap` make a pair, the higher-scored completion as
+`chosen`. Four completions give up to six pairs for the sampling cost of two pairs of two: the pairs of one prompt
+share completions, but each compares a different two (InstructGPT's reward model trained on all pairs of each
+prompt's ranked completions). Each split is written as
 JSON lines in TRL's conversational preference format, with the gold scores beside the conversations:
 
     {"chosen":   [{"role": "user", "content": P}, {"role": "assistant", "content": A}],
@@ -9,6 +12,7 @@ JSON lines in TRL's conversational preference format, with the gold scores besid
      "chosen_score": 0.81, "rejected_score": -0.27}
 """
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -26,7 +30,6 @@ from recipes.models import load_policy, load_tokenizer
 from reward_models.config import RewardRecipe
 from reward_models.gold import GoldReward, gold_reward
 
-COMPLETIONS_PER_PROMPT = 2
 # The prompt loader's splits and the files their pairs go to: the test prompts' pairs validate the reward model.
 SPLIT_FILES = {"train": "train.jsonl", "eval": "test.jsonl"}
 SPLIT_NAMES = {"train": "train", "eval": "test"}
@@ -35,6 +38,7 @@ SPLIT_NAMES = {"train": "train", "eval": "test"}
 @dataclass
 class SplitSummary:
     prompts: int
+    completions: int
     pairs: int
     truncated: int
     """Completions that reached `max_new_tokens` before their end-of-turn token."""
@@ -50,8 +54,8 @@ class PreferenceSummary:
 
     def describe(self) -> str:
         parts = [
-            f"{name}: {s.pairs} pairs kept of {s.prompts} prompts (mean gold gap {s.mean_gap:.2f}; "
-            f"{s.truncated} of {COMPLETIONS_PER_PROMPT * s.prompts} completions cut at max_new_tokens)"
+            f"{name}: {s.pairs} pairs from {s.prompts} prompts (mean gold gap {s.mean_gap:.2f}; "
+            f"{s.truncated} of {s.completions} completions cut at max_new_tokens)"
             for name, s in self.splits.items()
         ]
         return f"preferences in {self.output_dir}: " + "; ".join(parts) + f"; {self.seconds:.0f} s"
@@ -62,6 +66,8 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     for `sampling_seed` and `generation_batch_size` on one machine."""
     started = time.monotonic()
     args = recipe.preferences
+    if args.completions_per_prompt < 2:
+        raise RecipeError(f"completions_per_prompt: {args.completions_per_prompt}; a pair needs at least 2")
     output_dir = _check_preferences_dir(recipe.data.dataset_name, args.overwrite_preferences)
     gold = gold_reward(args.gold_reward)
     policy_args = ModelArguments(
@@ -88,14 +94,18 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
             dataset = dataset.select(range(min(limits[split], len(dataset))))
         rendered = prompt_texts(dataset, prompt_args, tokenizer)
         completions, truncated = sample_completions(
-            policy, tokenizer, rendered, args.temperature, args.max_new_tokens, args.generation_batch_size,
-            SPLIT_NAMES[split],
+            policy, tokenizer, rendered, args.completions_per_prompt, args.temperature, args.max_new_tokens,
+            args.generation_batch_size, SPLIT_NAMES[split],
         )
         rows = preference_rows(list(dataset[args.prompts_column]), completions, gold, args.min_score_gap)
         write_jsonl(output_dir / SPLIT_FILES[split], rows)
         gaps = [row["chosen_score"] - row["rejected_score"] for row in rows]
         summaries[SPLIT_NAMES[split]] = SplitSummary(
-            prompts=len(dataset), pairs=len(rows), truncated=truncated, mean_gap=sum(gaps) / max(len(gaps), 1)
+            prompts=len(dataset),
+            completions=len(dataset) * args.completions_per_prompt,
+            pairs=len(rows),
+            truncated=truncated,
+            mean_gap=sum(gaps) / max(len(gaps), 1),
         )
     return PreferenceSummary(output_dir=output_dir, splits=summaries, seconds=time.monotonic() - started)
 
@@ -121,12 +131,13 @@ def sample_completions(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rendered_prompts: list[str],
+    completions_per_prompt: int,
     temperature: float,
     max_new_tokens: int,
     batch_size: int,
     desc: str = "sampling",
 ) -> tuple[list[list[str]], int]:
-    """Returns (for each prompt its `COMPLETIONS_PER_PROMPT` completions as text, how many of them were cut at
+    """Returns (for each prompt its `completions_per_prompt` completions as text, how many of them were cut at
     `max_new_tokens`). Prompts are already rendered with the chat template (no special tokens are added) and
     left-padded; sampling uses the temperature alone, as PPO's rollouts do."""
     eos_id = tokenizer.eos_token_id
@@ -141,7 +152,7 @@ def sample_completions(
             top_k=0,
             top_p=1.0,
             max_new_tokens=max_new_tokens,
-            num_return_sequences=COMPLETIONS_PER_PROMPT,
+            num_return_sequences=completions_per_prompt,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos_id,
         )
@@ -150,7 +161,7 @@ def sample_completions(
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         # generate returns the samples of one prompt next to each other.
         completions.extend(
-            texts[i : i + COMPLETIONS_PER_PROMPT] for i in range(0, len(texts), COMPLETIONS_PER_PROMPT)
+            texts[i : i + completions_per_prompt] for i in range(0, len(texts), completions_per_prompt)
         )
     return completions, truncated
 
@@ -158,27 +169,28 @@ def sample_completions(
 def preference_rows(
     prompts: list[str], completions: list[list[str]], gold: GoldReward, min_score_gap: float
 ) -> list[dict]:
-    """One row per prompt whose two completions' gold scores differ by at least `min_score_gap`; the higher
-    scored is `chosen` (the first one on a tie, which only a gap of 0 keeps)."""
-    flat_prompts = [prompt for prompt, pair in zip(prompts, completions) for _ in pair]
-    flat_completions = [completion for pair in completions for completion in pair]
-    scores = gold(flat_prompts, flat_completions)
+    """For each prompt, one row per two of its completions whose gold scores differ by at least `min_score_gap`
+    (in the order the completions came: first with second, first with third, ...); the higher scored is `chosen`
+    (the earlier one on a tie, which only a gap of 0 keeps)."""
+    flat_prompts = [prompt for prompt, group in zip(prompts, completions) for _ in group]
+    scores = iter(gold(flat_prompts, [completion for group in completions for completion in group]))
     rows = []
-    for index, (prompt, (first, second)) in enumerate(zip(prompts, completions)):
-        first_score, second_score = scores[2 * index], scores[2 * index + 1]
-        if abs(first_score - second_score) < min_score_gap:
-            continue
-        if second_score > first_score:
-            first, second, first_score, second_score = second, first, second_score, first_score
+    for prompt, group in zip(prompts, completions):
+        scored = [(completion, next(scores)) for completion in group]
         user = {"role": "user", "content": prompt}
-        rows.append(
-            {
-                "chosen": [user, {"role": "assistant", "content": first}],
-                "rejected": [user, {"role": "assistant", "content": second}],
-                "chosen_score": first_score,
-                "rejected_score": second_score,
-            }
-        )
+        for (first, first_score), (second, second_score) in itertools.combinations(scored, 2):
+            if abs(first_score - second_score) < min_score_gap:
+                continue
+            if second_score > first_score:
+                first, second, first_score, second_score = second, first, second_score, first_score
+            rows.append(
+                {
+                    "chosen": [user, {"role": "assistant", "content": first}],
+                    "rejected": [user, {"role": "assistant", "content": second}],
+                    "chosen_score": first_score,
+                    "rejected_score": second_score,
+                }
+            )
     return rows
 
 

@@ -10,7 +10,7 @@ training loop is used unchanged.
 """
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +19,52 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
 from recipes.errors import RecipeError
+from recipes.padding import unused_special_token
 
 # Where `FunctionSource.from_spec` looks up a bare name such as "length".
 BUILT_IN_FUNCTIONS_MODULE = "reward_models.functions"
+
+SCORING_BATCH_SIZE = 16
+"""Sequences per forward pass when a reward model scores token sequences."""
+
+
+def scored_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> list[int]:
+    """The ids a reward model reads for `conversation` (prompt turns, then one assistant turn), in training and in
+    PPO alike: the prompt rendered with the generation prompt, the completion's tokens, EOS. The score is read at
+    that EOS, which closes the assistant turn; whatever the template renders after it (a newline for SmolLM2) is
+    left out, as a policy's sampled response ends at EOS. Rendered text holds its special tokens, so none are
+    added."""
+    prompt = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids += tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def padded_batches(
+    sequences: list[list[int]], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded batches: (input_ids [batch, longest], attention_mask [batch, longest], lengths [batch])."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        lengths = torch.tensor([len(ids) for ids in chunk])
+        input_ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        yield input_ids.to(device), attention_mask.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def sequence_scores(
+    model: PreTrainedModel, sequences: list[list[int]], batch_size: int = SCORING_BATCH_SIZE
+) -> torch.Tensor:
+    """A one-label sequence classifier's score of each token sequence, read at its last token (the classifier
+    finds it as the last one that is not `config.pad_token_id`): float32 [len(sequences)]."""
+    model.eval()
+    scores = []
+    for input_ids, attention_mask, _ in padded_batches(sequences, model.config.pad_token_id, batch_size, model.device):
+        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
 
 
 class RewardSource(nn.Module):
@@ -81,53 +124,42 @@ class FunctionSource(RewardSource):
 
 
 class ModelSource(RewardSource):
-    """A one-label sequence-classification reward model with its own tokenizer. Each (prompt, completion) is
-    rendered with that tokenizer's chat template as [user: prompt, assistant: completion] when it has one, as the
-    plain concatenation prompt + completion otherwise, then tokenised and scored in batches of `batch_size`.
-    Load the model quantized (recipes.models) to score in 8 or 4 bits."""
+    """A one-label sequence-classification reward model with its own tokenizer. Each (prompt, completion) becomes
+    the ids the kit's reward training shows a model (`scored_token_ids`: [user: prompt] rendered with the
+    generation prompt, the completion, EOS) when the tokenizer has a chat template, the plain concatenation
+    prompt + completion otherwise; they are scored in batches of `batch_size`. Load the model quantized
+    (recipes.models) to score in 8 or 4 bits."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         name: str = "reward_model",
-        batch_size: int = 16,
+        batch_size: int = SCORING_BATCH_SIZE,
     ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise RecipeError(f"{name}: the reward model's tokenizer has neither a pad nor an EOS token")
-            tokenizer.pad_token = tokenizer.eos_token
-        # The classifier reads its score at the last token that is not `config.pad_token_id`: it must be the pad
-        # token the batches are padded with.
+        if tokenizer.chat_template and tokenizer.eos_token is None:
+            raise RecipeError(f"{name}: the reward model's tokenizer has no EOS token to close the assistant turn")
+        if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            # The classifier reads its score at the last token that is not padding: padding with EOS would read
+            # it before the EOS that closes each completion.
+            tokenizer.pad_token = unused_special_token(tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    def render(self, prompt: str, completion: str) -> str:
-        """The text the reward model reads for one completion (its chat template's special tokens included)."""
+    def token_ids(self, prompt: str, completion: str) -> list[int]:
+        """The ids the reward model reads for one completion."""
         if self.tokenizer.chat_template:
             conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(conversation, tokenize=False)
-        return prompt + completion
+            return scored_token_ids(self.tokenizer, conversation)
+        return self.tokenizer(prompt + completion)["input_ids"]
 
-    @torch.no_grad()
     def forward(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        texts = [self.render(p, c) for p, c in zip(prompts, completions, strict=True)]
-        # A rendered chat template already holds its special tokens (BOS included); plain text gets the usual ones.
-        add_special_tokens = not self.tokenizer.chat_template
-        scores = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[start : start + self.batch_size],
-                padding=True,
-                add_special_tokens=add_special_tokens,
-                return_tensors="pt",
-            ).to(self.model.device)
-            scores.append(self.model(**batch).logits[:, 0].float().cpu())
-        return torch.cat(scores) if scores else torch.zeros(0)
+        sequences = [self.token_ids(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return sequence_scores(self.model, sequences, self.batch_size)
 
 
 class WeightedSum(RewardSource):

@@ -11,7 +11,6 @@ tokenised here and handed to the trainer as `chosen_ids`/`rejected_ids`.
 
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +29,7 @@ from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
 from reward_models.preferences import read_preference_file
-
-SCORING_BATCH_SIZE = 16
-"""Sequences per forward pass when the kit scores pairs itself (centring, final evaluation)."""
-
+from reward_models.sources import SCORING_BATCH_SIZE, padded_batches, scored_token_ids, sequence_scores
 
 @dataclass
 class PairSplits:
@@ -73,15 +69,6 @@ class RewardTrainingResult:
     """The saved model, merged and centred, in memory (None on processes other than the main one)."""
     tokenizer: PreTrainedTokenizerBase
     final_metrics: dict[str, float]
-
-
-def scored_token_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> list[int]:
-    """The ids PPO scores for `conversation` (prompt turns, then one assistant turn): the prompt rendered with the
-    generation prompt, the completion's tokens, EOS. Rendered text holds its special tokens, so none are added."""
-    prompt = tokenizer.apply_chat_template(conversation[:-1], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids += tokenizer(conversation[-1]["content"], add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
 
 
 def _conversations(row: dict, index: int, source: str) -> tuple[list[dict], list[dict]]:
@@ -180,32 +167,6 @@ def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedToke
     return model
 
 
-def _padded_batches(
-    sequences: list[list[int]], pad_id: int, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded batches: (input_ids [batch, longest], attention_mask [batch, longest], lengths [batch])."""
-    for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start : start + batch_size]
-        lengths = torch.tensor([len(ids) for ids in chunk])
-        input_ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
-        yield input_ids.to(device), attention_mask.to(device), lengths.to(device)
-
-
-@torch.no_grad()
-def sequence_scores(
-    model: PreTrainedModel, sequences: list[list[int]], batch_size: int = SCORING_BATCH_SIZE
-) -> torch.Tensor:
-    """The model's score of each token sequence: float32 [len(sequences)]."""
-    model.eval()
-    scores = []
-    for input_ids, attention_mask, _ in _padded_batches(sequences, model.config.pad_token_id, batch_size, model.device):
-        scores.append(model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu())
-    return torch.cat(scores)
-
-
 def pair_metrics(model: PreTrainedModel, pairs: Dataset) -> PairMetrics:
     chosen = sequence_scores(model, pairs["chosen_ids"])
     rejected = sequence_scores(model, pairs["rejected_ids"])
@@ -223,7 +184,7 @@ def _scored_hidden_states(model: PreTrainedModel, sequences: list[list[int]]) ->
     model.eval()
     backbone = getattr(model, model.base_model_prefix)
     states = []
-    for input_ids, attention_mask, lengths in _padded_batches(
+    for input_ids, attention_mask, lengths in padded_batches(
         sequences, model.config.pad_token_id, SCORING_BATCH_SIZE, model.device
     ):
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -232,15 +193,16 @@ def _scored_hidden_states(model: PreTrainedModel, sequences: list[list[int]]) ->
 
 
 @torch.no_grad()
-def center_score_head(model: PreTrainedModel, reference: list[list[int]]) -> dict[str, float]:
-    """Makes the mean score over the `reference` sequences 0 and returns what changed.
+def normalize_score_head(model: PreTrainedModel, reference: list[list[int]], unit_std: bool) -> dict[str, float]:
+    """Makes the mean score over the `reference` sequences 0 and, with `unit_std`, their standard deviation 1;
+    returns what changed.
 
     Decoder classifiers in transformers have a score head without a bias (a bias would be dropped on loading),
     so no parameter adds a constant. Instead the head's weight w takes the smallest change that zeroes the
     reference mean: w ← w − m·h̄/‖h̄‖², with h̄ the mean scored hidden state and m the mean score. A text whose
     hidden state is h moves by −m·(h·h̄)/‖h̄‖²: exactly −m on average over the reference, about −m for any text
     when hidden states share a large common direction (as they do in language models); `shift_std` says how
-    far from a uniform shift it is."""
+    far from a uniform shift it is. Scaling is exact: w ← w / s multiplies every score by 1 / s."""
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise RecipeError(f"center_rewards: {type(model).__name__} has no one-output `score` head to centre")
@@ -249,14 +211,20 @@ def center_score_head(model: PreTrainedModel, reference: list[list[int]]) -> dic
     before = hidden @ weight
     mean_hidden = hidden.mean(dim=0)
     change = -before.mean() * mean_hidden / mean_hidden.dot(mean_hidden)
-    head.weight[0] += change.to(head.weight.dtype)
     shift = hidden @ change
+    weight = weight + change
+    scale = 1.0 / (hidden @ weight).std().item() if unit_std else 1.0
+    head.weight[0] = (weight * scale).to(head.weight.dtype)
+    after = hidden @ head.weight[0].float()
     return {
         "reference_sequences": len(reference),
         "reference_mean_score_before": before.mean().item(),
-        "reference_mean_score_after": (hidden @ head.weight[0].float()).mean().item(),
+        "reference_std_score_before": before.std().item(),
+        "reference_mean_score_after": after.mean().item(),
+        "reference_std_score_after": after.std().item(),
         "shift_mean": shift.mean().item(),
         "shift_std": shift.std().item(),
+        "scale": scale,
     }
 
 
@@ -291,7 +259,7 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
     tokenizer = load_tokenizer(model_args)
     pairs = load_preference_pairs(data_args, tokenizer, training.seed, training.max_length)
     reference = None
-    if training.center_rewards:
+    if training.center_rewards or training.normalize_rewards:
         if training.center_rewards_reference:
             reference_pairs = tokenize_pairs(
                 read_preference_file(training.center_rewards_reference), tokenizer, "center_rewards_reference"
@@ -338,7 +306,7 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
             final_model = final_model.merge_and_unload()
         final_model.config.pad_token_id = tokenizer.pad_token_id
         if reference is not None:
-            centring = center_score_head(final_model, reference)
+            centring = normalize_score_head(final_model, reference, unit_std=training.normalize_rewards)
             final_logs.update({f"centring/{name}": value for name, value in centring.items()})
         final_logs.update(pair_metrics(final_model, pairs.eval).as_logs("final/eval"))
         _append_metrics(output_dir / METRICS_FILE, trainer.state.global_step, final_logs)

@@ -13,6 +13,7 @@ from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
+    AutoTokenizer,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
 )
@@ -38,6 +39,7 @@ WORDS = " ".join(PROMPTS + COMPLETIONS) + " user assistant : ."
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}[BOS]{{ message['role'] }} : {{ message['content'] }}[EOS]{% endfor %}"
+    "{% if add_generation_prompt %}[BOS]assistant :{% endif %}"
 )
 
 
@@ -205,6 +207,34 @@ def test_reward_model_with_its_own_tokenizer_scores_as_when_called_directly(
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
     total, count = adapter.take_logged_sums()["reward_model"]
     assert count == 4 and total == pytest.approx(sum(expected), abs=1e-4)
+
+
+def test_reward_model_reads_the_completion_closed_by_eos_not_the_template_tail(tiny_models):
+    """The kit's reward training reads each score at the EOS that closes the assistant turn. SmolLM2's template
+    renders a newline after it: a reward model scored on the whole rendered conversation would read its score
+    there, where it never learnt one. Through `ModelSource` it reads what it was trained on."""
+    reward_tokenizer = AutoTokenizer.from_pretrained(tiny_models["reward"])
+    assert reward_tokenizer.pad_token_id == reward_tokenizer.eos_token_id  # SmolLM2 pads with EOS
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"]).eval()
+    source = ModelSource(reward_model, reward_tokenizer)
+    assert reward_tokenizer.pad_token_id != reward_tokenizer.eos_token_id
+
+    def last_token_score(text: str) -> float:
+        ids = reward_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            return reward_model.score(reward_model.model(input_ids=ids).last_hidden_state[0, -1]).item()
+
+    closed_by_eos, whole_template = [], []
+    for prompt, completion in zip(PROMPTS[:4], COMPLETIONS):
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        rendered = reward_tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert rendered.endswith(reward_tokenizer.eos_token + "\n")
+        closed_by_eos.append(last_token_score(rendered.removesuffix("\n")))
+        whole_template.append(last_token_score(rendered))
+
+    scores = source(PROMPTS[:4], COMPLETIONS)
+    assert scores.tolist() == pytest.approx(closed_by_eos, abs=1e-5)
+    assert scores.tolist() != pytest.approx(whole_template, abs=1e-3)
 
 
 def test_reward_model_sharing_the_policy_tokenizer_adds_to_a_sum_as_trl_scores_it(tiny_models, policy_tokenizer):

@@ -15,8 +15,9 @@ from recipes.model_cache import resolve_model_path
 from recipes.models import load_tokenizer
 from recipes.tiny_models import DEFAULT_TOKENIZER, tiny_llama_config
 from reward_models.config import parse_reward_recipe
-from reward_models.preferences import build_preferences
-from reward_models.training import scored_token_ids, sequence_scores, train_reward_model
+from reward_models.preferences import build_preferences, preference_rows
+from reward_models.sources import scored_token_ids, sequence_scores
+from reward_models.training import train_reward_model
 
 from conftest import REPO_ROOT, read_metrics, run_python
 
@@ -91,14 +92,14 @@ def test_reward_model_learns_the_marker_and_reloads_with_the_same_scores(random_
         reward_flags(
             random_llama, marker_dataset, output_dir,
             "--num_train_epochs", "3", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3",
-            "--center_rewards", "true",
+            "--normalize_rewards", "true",
         )
     )  # fmt: skip
     result = train_reward_model(recipe)
 
     assert result.final_metrics["final/eval/accuracy"] >= 0.9
     assert result.final_metrics["final/eval/margin"] > 0
-    assert abs(result.final_metrics["centring/reference_mean_score_after"]) < 1e-4
+    assert result.final_metrics["centring/reference_std_score_before"] != pytest.approx(1.0, abs=0.05)
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
@@ -107,6 +108,13 @@ def test_reward_model_learns_the_marker_and_reloads_with_the_same_scores(random_
     assert reloaded.config.pad_token_id == kit_pad_id == tokenizer.pad_token_id
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.chat_template
+
+    # normalize_rewards: over the training pairs' completions (the default reference), mean 0 and std 1.
+    training_rows = marker_pairs(128, seed=0)
+    reference = [scored_token_ids(tokenizer, row[side]) for side in ("chosen", "rejected") for row in training_rows]
+    reference_scores = sequence_scores(reloaded, reference)
+    assert reference_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
+    assert reference_scores.std().item() == pytest.approx(1.0, abs=1e-3)
 
     texts = [row["chosen"] for row in marker_pairs(6, seed=2)] + [row["rejected"] for row in marker_pairs(6, seed=2)]
     sequences = [scored_token_ids(tokenizer, conversation) for conversation in texts]
@@ -176,6 +184,13 @@ def test_preference_builder_writes_well_formed_deterministic_pairs(tiny_models, 
             assert 1.0 >= row["chosen_score"] >= row["rejected_score"] >= -1.0
             assert (row["chosen"][0]["content"] in prompts) == (name == "test.jsonl")
 
+    # Three completions per prompt, no gap: every two of them make a pair.
+    summary = build(tmp_path / "three", "--completions_per_prompt", "3")
+    assert {name: split.pairs for name, split in summary.splits.items()} == {"train": 18, "test": 12}
+    with pytest.raises(RecipeError, match="completions_per_prompt: 1; a pair needs at least 2"):
+        build(tmp_path / "one", "--completions_per_prompt", "1")
+    assert not (tmp_path / "one").exists()
+
     build(tmp_path / "second")
     for name in ("train.jsonl", "test.jsonl"):
         assert (tmp_path / "first" / name).read_text() == (tmp_path / "second" / name).read_text()
@@ -183,6 +198,23 @@ def test_preference_builder_writes_well_formed_deterministic_pairs(tiny_models, 
     with pytest.raises(RecipeError, match="already holds train.jsonl, test.jsonl.*--overwrite_preferences true"):
         build(tmp_path / "first")
     build(tmp_path / "first", "--overwrite_preferences", "true", "--sampling_seed", "1")
+
+
+def test_every_two_completions_of_a_prompt_far_enough_apart_make_a_pair():
+    gold_scores = {"a": 0.9, "b": 0.1, "c": 0.7, "d": -0.5}
+
+    def gold(prompts, completions):
+        return [gold_scores[completion] for completion in completions]
+
+    rows = preference_rows(["P", "Q"], [["a", "b", "c", "d"], ["b", "c", "a", "d"]], gold, min_score_gap=0.5)
+    pairs = [(row["chosen"][0]["content"], row["chosen"][1]["content"], row["rejected"][1]["content"]) for row in rows]
+    # a–c (0.2 apart) is dropped for both prompts; the higher-scored completion is chosen.
+    assert pairs == [
+        ("P", "a", "b"), ("P", "a", "d"), ("P", "c", "b"), ("P", "b", "d"), ("P", "c", "d"),
+        ("Q", "c", "b"), ("Q", "a", "b"), ("Q", "b", "d"), ("Q", "c", "d"), ("Q", "a", "d"),
+    ]  # fmt: skip
+    assert all(row["chosen_score"] - row["rejected_score"] >= 0.5 for row in rows)
+    assert rows[0]["chosen_score"] == 0.9 and rows[0]["rejected_score"] == 0.1
 
 
 @pytest.mark.parametrize(
