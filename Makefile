@@ -16,7 +16,7 @@ PPO_FLAGS ?=
 EVAL_FLAGS ?=
 LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
 
-.PHONY: venv model preferences reward-model ppo evaluate demo bench test clean
+.PHONY: venv model preferences reward-model ppo evaluate demo bench seeds test clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ BENCH_FLAGS ?=
 bench: model
 	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
 	$(BIN)/python bench/ppo_bench.py $(BENCH_FLAGS)
+
+# The default pipeline's PPO step and evaluation for several seeds, against the default reward model (not a test):
+# the gold reward after PPO and its seed-to-seed spread, in bench/seeds.json and bench/SEEDS.md.
+SEEDS_FLAGS ?=
+seeds: model
+	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
+	$(BIN)/python bench/seed_spread.py $(SEEDS_FLAGS)
 
 test: model
 	$(BIN)/python -m pytest

@@ -228,13 +228,14 @@ def kit_config_copy(name: str) -> Path:
     return MODEL_CONFIGS_DIR / name / "config.json"
 
 
-def reward_recipe_base(path: str) -> tuple[str, str] | None:
-    """(base model, reward.yaml) for a reward model the kit trains to `path` (a reward recipe's `output_dir`)."""
+def reward_recipe_base(path: str) -> tuple[str, str, int | None] | None:
+    """(base model, reward.yaml, the layers it keeps or None for all) for a reward model the kit trains to `path`
+    (a reward recipe's `output_dir`)."""
     wanted = Path(path).as_posix().rstrip("/")
     for recipe in sorted((KIT_ROOT / "configs").glob("*/reward.yaml")):
         settings = yaml.safe_load(recipe.read_text()) or {}
         if str(settings.get("output_dir", "")).rstrip("/") == wanted and settings.get("model_name_or_path"):
-            return settings["model_name_or_path"], str(recipe.relative_to(KIT_ROOT))
+            return settings["model_name_or_path"], str(recipe.relative_to(KIT_ROOT)), settings.get("num_hidden_layers")
     return None
 
 
@@ -250,8 +251,11 @@ def load_architecture(name: str, key: str) -> tuple[Architecture, str]:
         return _read_architecture(kit_config_copy(name)), f"configs/model_configs/{name}"
     trained = reward_recipe_base(name)
     if trained is not None:
-        base, recipe = trained
+        base, recipe, layers = trained
         architecture, source = load_architecture(base, key)
+        if layers is not None:
+            architecture = dataclasses.replace(architecture, num_layers=layers)
+            source = f"{source}, its first {layers} layers"
         return architecture, f"not trained yet: base of {recipe}, {source}"
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise RecipeError(f"{key}: '{name}' is neither a model folder nor the output_dir of a configs/*/reward.yaml")

@@ -93,6 +93,13 @@ class RewardModelArguments(ModelConfig):
     lora_task_type: str = field(
         default="SEQ_CLS", metadata={"help": "Must be SEQ_CLS: the score head is then trained and saved in full."}
     )
+    num_hidden_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only the first N transformer layers of the base (default: all): a shallower reward model "
+            "trains and scores in proportion faster; the layers above N are not loaded."
+        },
+    )
     pad_token: str | None = field(
         default=None,
         metadata={

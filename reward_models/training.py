@@ -18,7 +18,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 from trl import RewardTrainer, get_peft_config
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -147,6 +153,15 @@ def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedToke
     """The model to train: a sequence classifier with one output. From a causal LM the score head is new (random);
     its `config.pad_token_id` is the tokenizer's, so the score is read at the last token that is not padding."""
     path = locate_model(model_args.model_name_or_path, "model_name_or_path")
+    depth = {}
+    if model_args.num_hidden_layers is not None:
+        layers = getattr(AutoConfig.from_pretrained(path).get_text_config(), "num_hidden_layers", None)
+        if layers is None or not 0 < model_args.num_hidden_layers <= layers:
+            raise RecipeError(
+                f"num_hidden_layers: {model_args.num_hidden_layers}; '{model_args.model_name_or_path}' has "
+                f"{layers} layers: keep between 1 and {layers}"
+            )
+        depth = {"num_hidden_layers": model_args.num_hidden_layers}
     try:
         # TRL's filter for the expected load report of a causal LM read as a classifier (new score head, unused
         # LM head).
@@ -157,6 +172,7 @@ def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedToke
                 revision=model_args.model_revision,
                 dtype=torch_dtype(model_args.dtype),
                 attn_implementation=model_args.attn_implementation,
+                **depth,
             )
     except (OSError, ValueError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -266,16 +282,19 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
             )
         else:
             reference_pairs = pairs.train
-        reference = list(reference_pairs["chosen_ids"]) + list(reference_pairs["rejected_ids"])
+        # Each completion once, however many pairs it is in (a prompt's k completions make up to k(k-1)/2 pairs).
+        sequences = list(reference_pairs["chosen_ids"]) + list(reference_pairs["rejected_ids"])
+        reference = [list(ids) for ids in dict.fromkeys(map(tuple, sequences))]
     state.print(pairs.describe(training.max_length))
     state.print(f"batches: {describe_batches(recipe, state.num_processes, len(pairs.train))}")
     # The new score head is drawn from the global generator: seeded, the run is repeatable (TRL seeds only later).
     set_seed(training.seed)
     model = load_reward_base(model_args, tokenizer)
     peft_config = get_peft_config(model_args)
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", "?")
     state.print(
-        f"reward model: {model_args.model_name_or_path} ({'LoRA' if peft_config else 'full'}), score head "
-        f"trained in full; pad token {tokenizer.pad_token!r}"
+        f"reward model: {model_args.model_name_or_path}, {layers} layers ({'LoRA' if peft_config else 'full'}), "
+        f"score head trained in full; pad token {tokenizer.pad_token!r}"
     )
     # Every process has checked the input before the main one writes into the output folder.
     state.wait_for_everyone()

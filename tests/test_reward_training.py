@@ -111,8 +111,8 @@ def test_reward_model_learns_the_marker_and_reloads_with_the_same_scores(random_
 
     # normalize_rewards: over the training pairs' completions (the default reference), mean 0 and std 1.
     training_rows = marker_pairs(128, seed=0)
-    reference = [scored_token_ids(tokenizer, row[side]) for side in ("chosen", "rejected") for row in training_rows]
-    reference_scores = sequence_scores(reloaded, reference)
+    reference = {tuple(scored_token_ids(tokenizer, row[side])) for side in ("chosen", "rejected") for row in training_rows}
+    reference_scores = sequence_scores(reloaded, [list(ids) for ids in reference])
     assert reference_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert reference_scores.std().item() == pytest.approx(1.0, abs=1e-3)
 
@@ -146,6 +146,28 @@ def test_lora_reward_model_is_saved_merged(random_llama, marker_dataset, tmp_pat
     # The score head trained (LoRA's task type SEQ_CLS saves it in full): it differs from a fresh head.
     fresh = AutoModelForSequenceClassification.from_pretrained(random_llama, num_labels=1)
     assert not torch.equal(fresh.score.weight, reloaded.score.weight)
+
+
+def test_reward_model_keeps_the_first_layers_of_its_base(random_llama, marker_dataset, tmp_path):
+    output_dir = tmp_path / "shallow_reward_model"
+    flags = ["--max_train_pairs", "16", "--max_eval_pairs", "8", "--learning_rate", "0"]
+    train_reward_model(
+        parse_reward_recipe(reward_flags(random_llama, marker_dataset, output_dir, *flags, "--num_hidden_layers", "1"))
+    )
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    base = LlamaForCausalLM.from_pretrained(random_llama)
+    assert reloaded.config.num_hidden_layers == len(reloaded.model.layers) == 1
+    # Nothing trained (learning rate 0): the kept layer is the base's first, unchanged.
+    for name, weight in base.model.layers[0].state_dict().items():
+        torch.testing.assert_close(reloaded.model.layers[0].state_dict()[name], weight)
+
+    too_deep = tmp_path / "too_deep"
+    with pytest.raises(RecipeError, match="num_hidden_layers: 3; .* has 2 layers: keep between 1 and 2"):
+        train_reward_model(
+            parse_reward_recipe(reward_flags(random_llama, marker_dataset, too_deep, *flags, "--num_hidden_layers", "3"))
+        )
+    assert not too_deep.exists()
 
 
 def test_scored_sequence_is_the_prompt_ppo_renders_then_the_completion_then_eos(random_llama):
@@ -264,7 +286,7 @@ def test_scripts_build_then_train_on_the_tiny_recipe(tiny_models, tmp_path):
     ]  # fmt: skip
     built = run_python(["scripts/build_preferences.py", *flags], cwd=REPO_ROOT)
     assert built.returncode == 0, built.stderr
-    assert "train: 8 pairs kept of 8 prompts" in built.stdout
+    assert "train: 8 pairs from 8 prompts" in built.stdout
     trained = run_python(["scripts/train_reward.py", *flags], cwd=REPO_ROOT)
     assert trained.returncode == 0, trained.stderr
     assert AutoModelForSequenceClassification.from_pretrained(output_dir).config.num_labels == 1
