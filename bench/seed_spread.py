@@ -13,6 +13,7 @@ deterministic for a seed on one machine).
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -31,7 +32,8 @@ PROXY = Path(REWARD_MODEL).name
 COLUMNS = [
     ("gold, policy", "reward/sentiment/mean", "{:.3f}"),
     ("gold, reference", "reference/reward/sentiment/mean", "{:.3f}"),
-    ("gold gain", None, "{:+.3f}"),
+    ("gold gain", "gold_gain", "{:+.3f}"),
+    ("its standard error over prompts", "gold_gain_se", "{:.3f}"),
     ("gold win-rate", "win_rate/sentiment", "{:.2f}"),
     ("proxy, policy", f"reward/{PROXY}/mean", "{:.3f}"),
     ("proxy, reference", f"reference/reward/{PROXY}/mean", "{:.3f}"),
@@ -39,13 +41,23 @@ COLUMNS = [
 ]
 
 
+def with_gold_gain(eval_dir: Path) -> dict:
+    """eval_results.json plus the gold gain (policy − reference mean) and its standard error over the prompts, from
+    the per-prompt scores in samples.jsonl (both models answer the same prompts: the difference is paired)."""
+    results = json.loads((eval_dir / "eval_results.json").read_text())
+    samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines() if line]
+    gains = [row["policy_sentiment"] - row["reference_sentiment"] for row in samples]
+    standard_error = statistics.stdev(gains) / math.sqrt(len(gains))
+    return {**results, "gold_gain": statistics.mean(gains), "gold_gain_se": standard_error}
+
+
 def evaluate_seed(seed: int, workdir: Path) -> dict:
-    """PPO with `seed`, then the held-out evaluation; returns eval_results.json."""
+    """PPO with `seed`, then the held-out evaluation; returns eval_results.json with the gold gain."""
     seed_dir = workdir / str(seed)
     results_file = seed_dir / "eval" / "eval_results.json"
     if results_file.is_file():
         print(f"seed {seed}: reusing {results_file.relative_to(KIT_ROOT)}", flush=True)
-        return json.loads(results_file.read_text())
+        return with_gold_gain(seed_dir / "eval")
     seed_dir.mkdir(parents=True, exist_ok=True)
     python = str(KIT_ROOT / ".venv" / "bin" / "python")
     print(f"seed {seed}: PPO ...", flush=True)
@@ -62,12 +74,11 @@ def evaluate_seed(seed: int, workdir: Path) -> dict:
          "--report_to", "none"],
         seed_dir / "eval.log",
     )  # fmt: skip
-    return json.loads(results_file.read_text())
+    return with_gold_gain(seed_dir / "eval")
 
 
 def row_values(results: dict) -> list[float]:
-    gain = results["reward/sentiment/mean"] - results["reference/reward/sentiment/mean"]
-    return [gain if key is None else results[key] for _, key, _ in COLUMNS]
+    return [results[key] for _, key, _ in COLUMNS]
 
 
 def markdown(by_seed: dict[int, dict]) -> str:
@@ -85,14 +96,12 @@ def markdown(by_seed: dict[int, dict]) -> str:
     for seed, values in rows.items():
         lines.append(f"| {seed} | " + " | ".join(fmt.format(v) for (_, _, fmt), v in zip(COLUMNS, values)) + " |")
     if len(rows) > 1:
-        columns = list(zip(*rows.values()))
-        lines.append(
-            "| mean ± std | "
-            + " | ".join(
-                f"{fmt.format(statistics.mean(c))} ± {statistics.stdev(c):.3f}" for (_, _, fmt), c in zip(COLUMNS, columns)
-            )
-            + " |"
-        )
+        # Across seeds: the mean ± the standard deviation (for the standard error column, its mean alone).
+        cells = []
+        for (_, key, fmt), column in zip(COLUMNS, zip(*rows.values())):
+            spread = "" if key == "gold_gain_se" else f" ± {statistics.stdev(column):.3f}"
+            cells.append(fmt.format(statistics.mean(column)) + spread)
+        lines.append("| mean ± std over seeds | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
