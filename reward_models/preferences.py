@@ -2,10 +2,10 @@
 
 For each prompt the policy samples `completions_per_prompt` completions; the gold function scores them; every
 two of them whose scores differ by at least `min_score_gap` make a pair, the higher-scored completion as
-`chosen`. Four completions give up to six pairs for the sampling cost of two pairs of two: the pairs of one prompt
-share completions, but each compares a different two (InstructGPT's reward model trained on all pairs of each
-prompt's ranked completions). Each split is written as
-JSON lines in TRL's conversational preference format, with the gold scores beside the conversations:
+`chosen`. Four completions give up to six pairs at twice the sampling cost of two, which give one: the pairs of
+one prompt share completions, but each compares a different two (InstructGPT's reward model trained on all pairs of
+each prompt's ranked completions). Each split is written as JSON lines in TRL's conversational preference format,
+with the gold scores beside the conversations:
 
     {"chosen":   [{"role": "user", "content": P}, {"role": "assistant", "content": A}],
      "rejected": [{"role": "user", "content": P}, {"role": "assistant", "content": B}],

@@ -1,12 +1,10 @@
 """Pairwise (Bradley–Terry) reward-model training with TRL's RewardTrainer: check → load → train → merge →
-centre (optional) → evaluate → save. Everything that can be wrong with the input is checked before the output
+centre or normalise (optional) → evaluate → save. Everything that can be wrong with the input is checked before the output
 folder is touched.
 
-The reward model scores exactly the token sequence PPO shows it: the prompt rendered with the chat template and
-its generation prompt, then the completion, then the EOS token that ends the assistant turn (TRL's PPOTrainer
-reads the score there when `stop_token: eos`). TRL's own conversational tokenisation would render the whole
-conversation instead, which ends with the template's text after EOS (a newline for SmolLM2), so pairs are
-tokenised here and handed to the trainer as `chosen_ids`/`rejected_ids`.
+Pairs are tokenised here, by `reward_models.sources.scored_token_ids` (the sequence PPO and the evaluation score
+too), and handed to the trainer as `chosen_ids`/`rejected_ids`: TRL's own conversational tokenisation would render
+the whole conversation, which ends with the template's text after the EOS where the score is read.
 """
 
 import json
@@ -36,6 +34,7 @@ from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
 from reward_models.preferences import read_preference_file
 from reward_models.sources import SCORING_BATCH_SIZE, padded_batches, scored_token_ids, sequence_scores
+
 
 @dataclass
 class PairSplits:
@@ -221,7 +220,9 @@ def normalize_score_head(model: PreTrainedModel, reference: list[list[int]], uni
     far from a uniform shift it is. Scaling is exact: w ← w / s multiplies every score by 1 / s."""
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise RecipeError(f"center_rewards: {type(model).__name__} has no one-output `score` head to centre")
+        raise RecipeError(
+            f"center_rewards/normalize_rewards: {type(model).__name__} has no one-output `score` head to adjust"
+        )
     hidden = _scored_hidden_states(model, reference)
     weight = head.weight[0].float()
     before = hidden @ weight

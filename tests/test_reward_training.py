@@ -111,7 +111,8 @@ def test_reward_model_learns_the_marker_and_reloads_with_the_same_scores(random_
 
     # normalize_rewards: over the training pairs' completions (the default reference), mean 0 and std 1.
     training_rows = marker_pairs(128, seed=0)
-    reference = {tuple(scored_token_ids(tokenizer, row[side])) for side in ("chosen", "rejected") for row in training_rows}
+    completions = [row[side] for side in ("chosen", "rejected") for row in training_rows]
+    reference = {tuple(scored_token_ids(tokenizer, conversation)) for conversation in completions}
     reference_scores = sequence_scores(reloaded, [list(ids) for ids in reference])
     assert reference_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert reference_scores.std().item() == pytest.approx(1.0, abs=1e-3)
@@ -164,9 +165,8 @@ def test_reward_model_keeps_the_first_layers_of_its_base(random_llama, marker_da
 
     too_deep = tmp_path / "too_deep"
     with pytest.raises(RecipeError, match="num_hidden_layers: 3; .* has 2 layers: keep between 1 and 2"):
-        train_reward_model(
-            parse_reward_recipe(reward_flags(random_llama, marker_dataset, too_deep, *flags, "--num_hidden_layers", "3"))
-        )
+        too_deep_flags = reward_flags(random_llama, marker_dataset, too_deep, *flags, "--num_hidden_layers", "3")
+        train_reward_model(parse_reward_recipe(too_deep_flags))
     assert not too_deep.exists()
 
 
