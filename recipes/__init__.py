@@ -1,4 +1,4 @@
-"""PPO recipes for RLHF on the Hugging Face stack: config, models, data, trainer wiring.
+"""PPO recipes for RLHF on the Hugging Face stack: config, models, data, the PPO engine, evaluation.
 
     from recipes import parse_recipe, run_ppo
     run_ppo(parse_recipe(["--config", "configs/tiny/ppo.yaml"]))
@@ -13,14 +13,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PPO_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m" / "ppo.yaml")
 
 _EXPORTS = {
-    "BatchPlan": "recipes.config",
     "DataArguments": "recipes.config",
     "ModelArguments": "recipes.config",
     "Recipe": "recipes.config",
     "parse_recipe": "recipes.config",
-    "plan_batches": "recipes.config",
-    "PPOArguments": "recipes.engine",
-    "RecipePPOTrainer": "recipes.engine",
+    "BatchPlan": "recipes.ppo.config",
+    "PPOConfig": "recipes.ppo.config",
+    "plan_batches": "recipes.ppo.config",
+    "PPOTrainer": "recipes.ppo.trainer",
     "RecipeError": "recipes.errors",
     "run_cli": "recipes.errors",
     "run_ppo": "recipes.run",

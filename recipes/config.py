@@ -8,7 +8,6 @@ field that the kit replaces is an error naming the key and the file.
 
 import dataclasses
 import enum
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from recipes.engine import PPOArguments
 from recipes.errors import RecipeError
+from recipes.ppo.config import READ_TRAINING_FIELDS, REPLACED_TRAINING_FIELDS, PPOConfig, default_instance, unread_fields
 
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 
@@ -142,7 +141,7 @@ class Recipe:
 
     data: DataArguments
     model: ModelArguments
-    training: PPOArguments
+    training: PPOConfig
     source: str | None = None
     """The YAML file it came from (None: defaults and flags only)."""
 
@@ -158,7 +157,7 @@ def resolved_config(parts: tuple) -> dict[str, Any]:
     values: a config that reproduces the run with this kit's pinned versions. Secrets (`SECRET_KEYS`) are left out."""
     resolved = {}
     for part in parts:
-        ours, defaults = _as_plain_dict(part), _as_plain_dict(type(part)())
+        ours, defaults = _as_plain_dict(part), _as_plain_dict(default_instance(type(part)))
         for key, value in ours.items():
             if key not in REPLACED_KEYS and key not in SECRET_KEYS and value != defaults.get(key):
                 resolved[key] = value
@@ -228,7 +227,7 @@ class RecipeParser(TrlParser):
                 raise RecipeError(f"--{key} is not read by this kit: use --{REPLACED_KEYS[key]}")
         try:
             return tuple(self.parse_args_into_dataclasses(args=args)), config_path
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RecipeError) as error:
             where = f" (recipe {config_path})" if config_path else ""
             raise RecipeError(f"{_first_line(error)}{where}") from error
 
@@ -320,73 +319,15 @@ def _type_name(hint: Any) -> str:
 
 
 def parse_recipe(args: list[str], default_config: str | None = None) -> Recipe:
-    """Parses `--config file.yaml` (or `default_config` when no --config is given) plus command-line overrides."""
-    (data, model, training), source = RecipeParser((DataArguments, ModelArguments, PPOArguments)).parse(
+    """Parses `--config file.yaml` (or `default_config` when no --config is given) plus command-line overrides; a
+    TrainingArguments field the kit's engine does not read is an error naming it."""
+    (data, model, training), source = RecipeParser((DataArguments, ModelArguments, PPOConfig)).parse(
         args, default_config=default_config
     )
+    unread = unread_fields(training, READ_TRAINING_FIELDS, REPLACED_TRAINING_FIELDS)
+    if unread:
+        raise RecipeError(unread[0] + (f" (recipe {source})" if source else ""))
     return Recipe(data=data, model=model, training=training, source=source)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """The batch arithmetic of one PPO run (TRL's PPOTrainer computes the same sizes)."""
-
-    per_device_episodes: int
-    grad_accumulation: int
-    processes: int
-    num_mini_batches: int
-    total_episodes: int
-
-    @property
-    def local_episodes(self) -> int:
-        return self.per_device_episodes * self.grad_accumulation
-
-    @property
-    def episodes_per_update(self) -> int:
-        return self.local_episodes * self.processes
-
-    @property
-    def mini_batch_episodes(self) -> int:
-        return self.episodes_per_update // self.num_mini_batches
-
-    @property
-    def updates(self) -> int:
-        return math.ceil(self.total_episodes / self.episodes_per_update)
-
-    def describe(self) -> str:
-        return (
-            f"{self.per_device_episodes} per-device episodes × {self.grad_accumulation} grad-accumulation × "
-            f"{self.processes} processes = {self.episodes_per_update} episodes per update; "
-            f"{self.num_mini_batches} mini-batches of {self.mini_batch_episodes} episodes; "
-            f"{self.total_episodes} episodes → {self.updates} updates"
-        )
-
-
-def plan_batches(training: PPOArguments, processes: int, train_prompts: int) -> BatchPlan:
-    """Checks and returns the batch arithmetic before anything is loaded or written."""
-    total = training.total_episodes or int(training.num_train_epochs * train_prompts)
-    plan = BatchPlan(
-        per_device_episodes=training.per_device_train_batch_size,
-        grad_accumulation=training.gradient_accumulation_steps,
-        processes=processes,
-        num_mini_batches=training.num_mini_batches,
-        total_episodes=total,
-    )
-    if plan.local_episodes % plan.num_mini_batches:
-        raise RecipeError(
-            f"num_mini_batches={plan.num_mini_batches} must divide per_device_train_batch_size × "
-            f"gradient_accumulation_steps = {plan.local_episodes}"
-        )
-    if training.whiten_rewards and plan.local_episodes // plan.num_mini_batches < 8:
-        raise RecipeError("whiten_rewards needs at least 8 episodes per mini-batch on each process")
-    if total < 1:
-        raise RecipeError("total_episodes (or num_train_epochs × prompts) must be at least 1")
-    if train_prompts < plan.local_episodes:
-        raise RecipeError(
-            f"only {train_prompts} training prompts, fewer than the {plan.local_episodes} episodes each process "
-            "draws per update: add prompts or lower per_device_train_batch_size / gradient_accumulation_steps"
-        )
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Prompts for PPO: loaded from a local file or the hub, rendered, tokenised, filtered by length, split."""
 
 from dataclasses import dataclass
+
+import torch
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
@@ -93,16 +95,39 @@ def prompt_texts(dataset: Dataset, data_args: DataArguments, tokenizer: PreTrain
     return [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
 
 
+def reward_prompts(dataset: Dataset, data_args: DataArguments) -> list[str]:
+    """Each row's prompt as a reward function reads it: the plain prompt, or a chat's last user message."""
+    if data_args.prompt_column in dataset.column_names:
+        return list(dataset[data_args.prompt_column])
+    return [
+        next((m["content"] for m in reversed(chat) if m["role"] == "user"), "")
+        for chat in dataset[data_args.messages_column]
+    ]
+
+
+def prompt_conversations(dataset: Dataset, data_args: DataArguments) -> list[list[dict]]:
+    """Each row's prompt as chat turns, for reward models that render their own chat template: the `messages`,
+    or a plain prompt as one user turn when `prompt_as_user_message`; empty lists for plain-text prompts."""
+    if data_args.prompt_column in dataset.column_names:
+        if not data_args.prompt_as_user_message:
+            return [[] for _ in range(len(dataset))]
+        return [[{"role": "user", "content": text}] for text in dataset[data_args.prompt_column]]
+    return [list(chat) for chat in dataset[data_args.messages_column]]
+
+
 def tokenize_prompts(
     dataset: Dataset, data_args: DataArguments, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[Dataset, int]:
-    """Returns (dataset with only `input_ids`, number dropped for length). Rendered chat text already holds its
-    special tokens, so the tokenizer adds none to it."""
+    """Returns (dataset of `input_ids`, `prompt` and `messages`, number dropped for length): the ids the policy
+    continues, and the prompt as reward sources read it (`reward_prompts`, `prompt_conversations`). Rendered chat
+    text already holds its special tokens, so the tokenizer adds none to it."""
     texts = prompt_texts(dataset, data_args, tokenizer)
     rendered = data_args.prompt_column not in dataset.column_names or data_args.prompt_as_user_message
     input_ids = tokenizer(texts, add_special_tokens=not rendered)["input_ids"]
-    kept = [ids for ids in input_ids if 0 < len(ids) <= data_args.max_prompt_length]
-    return Dataset.from_dict({"input_ids": kept}), len(input_ids) - len(kept)
+    rows = zip(input_ids, reward_prompts(dataset, data_args), prompt_conversations(dataset, data_args))
+    kept = [row for row in rows if 0 < len(row[0]) <= data_args.max_prompt_length]
+    columns = {"input_ids": [r[0] for r in kept], "prompt": [r[1] for r in kept], "messages": [r[2] for r in kept]}
+    return Dataset.from_dict(columns), len(input_ids) - len(kept)
 
 
 def load_prompts(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, seed: int) -> PromptSplits:
@@ -121,3 +146,22 @@ def load_prompts(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, s
             )
         splits[split] = tokenized
     return PromptSplits(train=splits["train"], eval=splits["eval"], dropped_too_long=dropped)
+
+
+@dataclass
+class PromptBatch:
+    """One process's prompts of one update: token ids [B, W] left-padded, and the texts reward sources read."""
+
+    input_ids: torch.Tensor
+    prompts: list[str]
+    conversations: list[list[dict]] | None
+
+
+def collate_prompts(rows: list[dict], pad_token_id: int) -> PromptBatch:
+    """Rows of the prompt dataset (`input_ids`, `prompt`, `messages`) → a left-padded batch."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row["input_ids"]) :] = torch.tensor(row["input_ids"])
+    conversations = [row["messages"] for row in rows] if all(row.get("messages") for row in rows) else None
+    return PromptBatch(input_ids, [row["prompt"] for row in rows], conversations)

@@ -21,11 +21,14 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from recipes.config import DataArguments, ModelArguments, RecipeParser, save_resolved_config
-from recipes.data import load_raw_prompts, prompt_texts
+from recipes.config import RESOLVED_RECIPE_FILE, DataArguments, ModelArguments, RecipeParser, check_output_dir
+from recipes.config import save_resolved_config
+from recipes.data import PromptBatch, collate_prompts, load_raw_prompts, tokenize_prompts
 from recipes.errors import RecipeError
+from recipes.generation import model_device, response_logprobs, sample_responses, sampling_config
 from recipes.models import load_tokenizer, locate_model, torch_dtype
-from recipes.config import RESOLVED_RECIPE_FILE, check_output_dir
+from recipes.ppo.core import cut_after_stop, kl_per_token, last_token_index, padding_masks
+from recipes.rewards.sources import Episodes, FunctionSource, ModelSource, RewardSource, WeightedSum
 
 RESULTS_FILE = "eval_results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -82,17 +85,22 @@ class EvalArguments:
 
 @dataclass
 class Completions:
-    """Sampled completions of one model. Token tensors are [batch, prompt_width + response_length]: prompts
-    left-padded in the first `prompt_width` columns, responses right-padded after them."""
+    """Sampled completions of one model. `query_responses` [B, W + T]: prompts left-padded in the first W columns,
+    responses (ended at EOS, padded after it) in the last T."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    query_responses: torch.Tensor
     prompt_width: int
     texts: list[str]
     lengths: list[int]
     """Response tokens up to and including EOS."""
     ended: list[bool]
     """Whether the response ended with EOS."""
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[B, T]: True at response tokens, False at padding."""
+        responses = self.query_responses[:, self.prompt_width :]
+        return torch.arange(responses.shape[1])[None, :] < torch.tensor(self.lengths)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,10 +135,8 @@ def default_reference(policy_name_or_path: str) -> str:
     raise RecipeError(f"reference_name_or_path is not set and {policy_name_or_path} does not say its base model")
 
 
-def load_reward_sources(evaluation: EvalArguments) -> list:
+def load_reward_sources(evaluation: EvalArguments) -> list[RewardSource]:
     """One named source per reward model and function: each is reported on its own."""
-    from reward_models.sources import FunctionSource, ModelSource
-
     sources = []
     for name in evaluation.reward_models or []:
         path = locate_model(name, "reward_models")
@@ -144,21 +150,18 @@ def load_reward_sources(evaluation: EvalArguments) -> list:
     return sources
 
 
-def held_out_prompts(data_args: DataArguments, tokenizer, seed: int) -> tuple[list[str], list[str], bool]:
-    """The held-out prompts (at most `max_eval_prompts`): as reward sources read them, as the models continue them
-    (chat template applied), and whether the tokenizer adds its special tokens to the latter."""
+def held_out_prompts(data_args: DataArguments, tokenizer, seed: int):
+    """The held-out prompts (at most `max_eval_prompts`), tokenised as the PPO recipe tokenises them: a dataset of
+    `input_ids`, `prompt` and `messages` (`recipes.data.tokenize_prompts`)."""
     held_out = load_raw_prompts(data_args, seed=seed)["eval"]
     if data_args.max_eval_prompts is not None:
         held_out = held_out.select(range(min(data_args.max_eval_prompts, len(held_out))))
-    add_special_tokens = data_args.prompt_column in held_out.column_names and not data_args.prompt_as_user_message
-    return user_prompts(held_out, data_args), prompt_texts(held_out, data_args, tokenizer), add_special_tokens
-
-
-def user_prompts(dataset, data_args: DataArguments) -> list[str]:
-    """The prompts as a reward source reads them: the plain prompt, or a chat's last user message."""
-    if data_args.prompt_column in dataset.column_names:
-        return list(dataset[data_args.prompt_column])
-    return [next(m["content"] for m in reversed(chat) if m["role"] == "user") for chat in dataset[data_args.messages_column]]
+    prompts, dropped = tokenize_prompts(held_out, data_args, tokenizer)
+    if len(prompts) == 0:
+        raise RecipeError(
+            f"dataset_name: no held-out prompts left after dropping {dropped} longer than max_prompt_length"
+        )
+    return prompts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,74 +169,43 @@ def user_prompts(dataset, data_args: DataArguments) -> list[str]:
 
 
 @torch.no_grad()
-def sample_completions(
-    model: PreTrainedModel, tokenizer, prompts: list[str], evaluation: EvalArguments, add_special_tokens: bool, desc: str
-) -> Completions:
-    """Samples one completion per prompt (temperature, top-k 0, top-p 1: the PPO trainer's sampling), batched,
-    seeded with `evaluation.seed` so that a model evaluated twice gives the same completions."""
+def sample_completions(model, tokenizer, prompts: PromptBatch, evaluation: EvalArguments, desc: str,
+                       synced_gpus: bool = False) -> Completions:  # fmt: skip
+    """One completion per prompt, sampled as PPO samples its rollouts (temperature alone), `batch_size` prompts per
+    call, seeded with `evaluation.seed` so that a model evaluated twice gives the same completions."""
     torch.manual_seed(evaluation.seed)
-    encoded = tokenizer(prompts, padding=True, add_special_tokens=add_special_tokens, return_tensors="pt")
-    width = encoded["input_ids"].shape[1]
-    rows, masks = [], []
-    for start in tqdm(range(0, len(prompts), evaluation.batch_size), desc=desc, leave=False):
-        ids = encoded["input_ids"][start : start + evaluation.batch_size].to(model.device)
-        mask = encoded["attention_mask"][start : start + evaluation.batch_size].to(model.device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=evaluation.response_length,
-            do_sample=True,
-            temperature=evaluation.temperature,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        response = output[:, width:]
-        response = torch.nn.functional.pad(response, (0, evaluation.response_length - response.shape[1]), value=tokenizer.pad_token_id)
-        rows.append(torch.cat([ids, response], 1).cpu())
-        masks.append(torch.cat([mask, response_mask(response, tokenizer.eos_token_id)], 1).cpu())
-    input_ids, attention_mask = torch.cat(rows), torch.cat(masks)
-    response_ids, kept = input_ids[:, width:], attention_mask[:, width:].bool()
-    lengths = kept.sum(1).tolist()
-    ended = [bool(length) and row[length - 1].item() == tokenizer.eos_token_id for row, length in zip(response_ids, lengths)]
-    texts = [tokenizer.decode(row[:length], skip_special_tokens=True) for row, length in zip(response_ids, lengths)]
-    return Completions(input_ids, attention_mask, width, texts, lengths, ended)
-
-
-def response_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for the response tokens up to and including the first EOS, 0 after it. [batch, response_len]"""
-    after_eos = (response == eos_token_id).long().cumsum(1) - (response == eos_token_id).long()
-    return (after_eos == 0).long()
+    queries = prompts.input_ids.to(model_device(model))
+    config = sampling_config(evaluation.response_length, evaluation.temperature, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id)  # fmt: skip
+    chunks = []
+    for start in tqdm(range(0, len(queries), evaluation.batch_size), desc=desc, leave=False):
+        chunk = queries[start : start + evaluation.batch_size]
+        chunks.append(sample_responses(model, chunk, config, len(chunk), synced_gpus))
+    responses = cut_after_stop(torch.cat(chunks), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    lengths = (last_token_index(responses, tokenizer.pad_token_id) + 1).tolist()
+    ended = (responses == tokenizer.eos_token_id).any(-1).tolist()
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Completions(torch.cat([queries, responses], 1).cpu(), queries.shape[1], texts, lengths, ended)
 
 
 @torch.no_grad()
-def response_logprobs(
-    model: PreTrainedModel, completions: Completions, temperature: float, batch_size: int
-) -> torch.Tensor:
-    """log p(token | prefix) of each response token under `model`, logits divided by `temperature` (the
-    distribution sampled from). [batch, response_len], 0 where the response is padding."""
-    outputs = []
-    width = completions.prompt_width
-    for start in range(0, len(completions.texts), batch_size):
-        ids = completions.input_ids[start : start + batch_size].to(model.device)
-        mask = completions.attention_mask[start : start + batch_size].to(model.device)
-        # Left padding: positions count from each row's first real token.
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, width - 1 : -1]
-        logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-        taken = logprobs.gather(-1, ids[:, width:].unsqueeze(-1)).squeeze(-1)
-        outputs.append((taken * mask[:, width:]).cpu())
-    return torch.cat(outputs)
+def completion_logprobs(model, completions: Completions, pad_token_id: int, temperature: float,
+                        batch_size: int) -> torch.Tensor:  # fmt: skip
+    """log p(token | prefix) of each response token under `model` at `temperature`: [B, T] on the CPU, 0 at
+    padding."""
+    width = completions.query_responses.shape[1] - completions.prompt_width
+    logprobs = response_logprobs(model, completions.query_responses.to(model_device(model)), pad_token_id, width, temperature,
+                                 batch_size).cpu()  # fmt: skip
+    return logprobs * completions.response_mask
 
 
 def kl_per_sequence(policy_logprobs: torch.Tensor, reference_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Per-sequence KL(policy ‖ reference) estimates on policy samples, in nats: k1 = Σ (log p − log q), k3 = Σ
-    (r − 1 − log r) with r = q/p (unbiased, never negative per token). Inputs [batch, response_len]."""
-    log_ratio = (reference_logprobs - policy_logprobs) * mask
-    k1 = (-log_ratio * mask).sum(1)
-    k3 = ((log_ratio.exp() - 1 - log_ratio) * mask).sum(1)
-    return {"k1": k1, "k3": k3}
+    """Per-sequence KL(policy ‖ reference) estimates on policy samples, in nats: the sums over each response of the
+    per-token estimators PPO's reward uses (`recipes.ppo.core.kl_per_token`, k1 and k3). Inputs [B, T]."""
+    return {
+        estimator: (kl_per_token(policy_logprobs, reference_logprobs, estimator) * mask).sum(1)
+        for estimator in ("k1", "k3")
+    }
 
 
 @torch.no_grad()
@@ -254,11 +226,10 @@ def perplexity_of_texts(model: PreTrainedModel, tokenizer, texts: list[str], bat
     return math.exp(total_nll / total_tokens)
 
 
-def perplexity_of_completions(model: PreTrainedModel, completions: Completions, batch_size: int) -> float:
+def perplexity_of_completions(model, completions: Completions, pad_token_id: int, batch_size: int) -> float:
     """Perplexity of the completions' tokens given their prompts (temperature 1: the model's own distribution)."""
-    logprobs = response_logprobs(model, completions, temperature=1.0, batch_size=batch_size)
-    tokens = completions.attention_mask[:, completions.prompt_width :].sum().item()
-    return math.exp(-logprobs.sum().item() / max(tokens, 1))
+    logprobs = completion_logprobs(model, completions, pad_token_id, 1.0, batch_size)
+    return math.exp(-logprobs.sum().item() / max(int(completions.response_mask.sum()), 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,104 +270,104 @@ def text_stats(completions: Completions, prefix: str) -> dict[str, float]:
 
 
 def evaluate_policy(
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
+    policy,
+    reference,
     tokenizer,
-    prompts: list[str],
-    rendered_prompts: list[str],
-    add_special_tokens: bool,
-    sources: list,
+    prompts,
+    sources: list[RewardSource],
     evaluation: EvalArguments,
     perplexity_texts: list[str] | None = None,
+    synced_gpus: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Returns (flat results, one sample row per prompt). `prompts` are what reward sources read, and
-    `rendered_prompts` what the models continue."""
-    policy_out = sample_completions(policy, tokenizer, rendered_prompts, evaluation, add_special_tokens, "policy samples")
-    reference_out = sample_completions(reference, tokenizer, rendered_prompts, evaluation, add_special_tokens, "reference samples")
-    mask = policy_out.attention_mask[:, policy_out.prompt_width :]
+    """Returns (flat results, one sample row per prompt). `prompts`: the tokenised held-out prompts
+    (`held_out_prompts`). `synced_gpus` when the models' weights are sharded over processes (each then evaluates
+    the same prompts)."""
+    batch = collate_prompts(list(prompts), tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    policy_out = sample_completions(policy, tokenizer, batch, evaluation, "policy samples", synced_gpus)
+    reference_out = sample_completions(reference, tokenizer, batch, evaluation, "reference samples", synced_gpus)
     kl = kl_per_sequence(
-        response_logprobs(policy, policy_out, evaluation.temperature, evaluation.batch_size),
-        response_logprobs(reference, policy_out, evaluation.temperature, evaluation.batch_size),
-        mask,
+        completion_logprobs(policy, policy_out, pad, evaluation.temperature, evaluation.batch_size),
+        completion_logprobs(reference, policy_out, pad, evaluation.temperature, evaluation.batch_size),
+        policy_out.response_mask,
     )
-    results: dict[str, float] = {"num_prompts": len(prompts)}
+    results: dict[str, float] = {"num_prompts": len(batch.prompts)}
     for name, values in kl.items():
         results.update(summary_stats(values, f"kl/{name}"))
-    if perplexity_texts is not None:
-        results["perplexity/policy"] = perplexity_of_texts(policy, tokenizer, perplexity_texts, evaluation.batch_size)
-        results["perplexity/reference"] = perplexity_of_texts(reference, tokenizer, perplexity_texts, evaluation.batch_size)
-    else:
-        results["perplexity/policy"] = perplexity_of_completions(policy, reference_out, evaluation.batch_size)
-        results["perplexity/reference"] = perplexity_of_completions(reference, reference_out, evaluation.batch_size)
+    for name, model in (("policy", policy), ("reference", reference)):
+        results[f"perplexity/{name}"] = (
+            perplexity_of_texts(model, tokenizer, perplexity_texts, evaluation.batch_size)
+            if perplexity_texts is not None
+            else perplexity_of_completions(model, reference_out, pad, evaluation.batch_size)
+        )
     results.update(text_stats(policy_out, ""))
     results.update(text_stats(reference_out, "reference/"))
 
     samples = [
         {"prompt": p, "policy": pc, "reference": rc, "kl_k1": k}
-        for p, pc, rc, k in zip(prompts, policy_out.texts, reference_out.texts, kl["k1"].tolist())
+        for p, pc, rc, k in zip(batch.prompts, policy_out.texts, reference_out.texts, kl["k1"].tolist())
     ]
-    for source in sources:
-        policy_scores = source(prompts, policy_out.texts).double()
-        reference_scores = source(prompts, reference_out.texts).double()
-        results.update(summary_stats(policy_scores, f"reward/{source.name}"))
-        results.update(summary_stats(reference_scores, f"reference/reward/{source.name}"))
-        results[f"win_rate/{source.name}"] = win_rate(policy_scores, reference_scores)
+    scores = {"policy": {}, "reference": {}}
+    for side, out in (("policy", policy_out), ("reference", reference_out)):
+        episodes = Episodes(batch.prompts, out.texts, batch.conversations, out.query_responses, pad)
+        for source in sources:
+            scores[side].update(source.score(episodes).by_source)
+    for name in scores["policy"]:
+        policy_scores, reference_scores = scores["policy"][name].double(), scores["reference"][name].double()
+        results.update(summary_stats(policy_scores, f"reward/{name}"))
+        results.update(summary_stats(reference_scores, f"reference/reward/{name}"))
+        results[f"win_rate/{name}"] = win_rate(policy_scores, reference_scores)
         for row, ps, rs in zip(samples, policy_scores.tolist(), reference_scores.tolist()):
-            row[f"policy_{source.name}"], row[f"reference_{source.name}"] = ps, rs
+            row[f"policy_{name}"], row[f"reference_{name}"] = ps, rs
     return results, samples
+
+
+def source_names(sources: list[RewardSource]) -> list[str]:
+    """The names results are reported under: each part of a weighted sum on its own."""
+    names = []
+    for source in sources:
+        names += source.part_names if isinstance(source, WeightedSum) else [source.name]
+    return names
 
 
 @dataclass
 class HeldOutEvaluation:
     """The evaluation above, run inside a PPO run every `every` updates on the recipe's held-out prompts
     (`eval_every_updates`; at most `max_eval_prompts`): the policy against its reference, judged by the PPO reward's
-    sources and the recipe's `eval_reward_functions` (e.g. a gold function), sampled as in training. The trainer
-    logs the results as `eval/<key>`, e.g. `eval/reward/sentiment/mean`, `eval/kl/k1/mean`."""
+    own sources (each on its own) and the recipe's `eval_reward_functions` (e.g. a gold function), sampled as in
+    training. The trainer logs the results as `eval/<key>`, e.g. `eval/reward/sentiment/mean`, `eval/kl/k1/mean`."""
 
     every: int
     tokenizer: Any
-    prompts: list[str]
-    rendered_prompts: list[str]
-    add_special_tokens: bool
-    sources: list
+    prompts: Any
+    sources: list[RewardSource]
     evaluation: EvalArguments
 
     @classmethod
-    def for_ppo_recipe(cls, recipe, tokenizer, reward_model=None) -> "HeldOutEvaluation | None":
-        """`reward_model`: the PPO run's own, scored through rather than loaded again when it is a plain
-        classifier that reads the policy's tokens."""
-        from reward_models.sources import ModelSource
-
-        training, model_args = recipe.training, recipe.model
+    def for_ppo_recipe(cls, recipe, tokenizer, reward: RewardSource) -> "HeldOutEvaluation | None":
+        """`reward`: the PPO run's own reward, scored through rather than loaded again."""
+        training = recipe.training
         if not training.eval_every_updates:
             return None
-        reward_path = model_args.reward_model_name_or_path
-        shared = reward_path and model_args.reward_model_tokenizer == "policy" and isinstance(reward_model, PreTrainedModel)
         evaluation = EvalArguments(
-            reward_models=[reward_path] if reward_path and not shared else None,
-            reward_functions=[*(model_args.reward_functions or []), *(training.eval_reward_functions or [])] or None,
+            reward_functions=training.eval_reward_functions,
             response_length=training.response_length,
             temperature=training.temperature,
             batch_size=training.per_device_eval_batch_size,
             seed=training.seed,
         )
-        prompts, rendered, add_special_tokens = held_out_prompts(recipe.data, tokenizer, training.seed)
-        if not prompts:
-            raise RecipeError("eval_every_updates: the recipe has no held-out prompts (dataset_test_split)")
-        sources = [ModelSource(reward_model, tokenizer, name=Path(reward_path).name)] if shared else []
-        if evaluation.reward_models or evaluation.reward_functions:
-            sources += load_reward_sources(evaluation)
-        return cls(training.eval_every_updates, tokenizer, prompts, rendered, add_special_tokens, sources, evaluation)
+        prompts = held_out_prompts(recipe.data, tokenizer, training.seed)
+        sources = [reward] + [FunctionSource.from_spec(spec, "eval_reward_functions")
+                              for spec in training.eval_reward_functions or []]  # fmt: skip
+        return cls(training.eval_every_updates, tokenizer, prompts, sources, evaluation)
 
     def due(self, update: int, last_update: int) -> bool:
         return update % self.every == 0 or update == last_update
 
-    def __call__(self, policy, reference) -> dict[str, float]:
-        results, _ = evaluate_policy(
-            policy, reference, self.tokenizer, self.prompts, self.rendered_prompts, self.add_special_tokens,
-            self.sources, self.evaluation,
-        )  # fmt: skip
-        return {f"eval/{key}": value for key, value in results.items()}
+    def __call__(self, policy, reference, synced_gpus: bool = False) -> dict[str, float]:
+        results, _ = evaluate_policy(policy, reference, self.tokenizer, self.prompts, self.sources, self.evaluation,
+                                     synced_gpus=synced_gpus)  # fmt: skip
+        return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -412,7 +383,7 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     reference_name = evaluation.reference_name_or_path or default_reference(policies[0])
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=_tokenizer_source(policies[0], reference_name)))
     sources = load_reward_sources(evaluation)
-    prompts, rendered, add_special_tokens = held_out_prompts(data_args, tokenizer, evaluation.seed)
+    prompts = held_out_prompts(data_args, tokenizer, evaluation.seed)
     perplexity_texts = _load_texts(evaluation.perplexity_texts) if evaluation.perplexity_texts else None
     reference_path = locate_model(reference_name, "reference_name_or_path")
     reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch_dtype(evaluation.dtype)).eval()
@@ -422,12 +393,10 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     rows = []
     for policy_name in policies:
         policy = load_policy_for_eval(policy_name, evaluation.dtype)
-        results, samples = evaluate_policy(
-            policy, reference, tokenizer, prompts, rendered, add_special_tokens, sources, evaluation, perplexity_texts
-        )
+        results, samples = evaluate_policy(policy, reference, tokenizer, prompts, sources, evaluation, perplexity_texts)
         rows.append({"policy": policy_name, **results})
-        print(format_summary(policy_name, results, [s.name for s in sources]))
-    _write_results(output_dir, rows, samples, evaluation, [s.name for s in sources])
+        print(format_summary(policy_name, results, source_names(sources)))
+    _write_results(output_dir, rows, samples, evaluation, source_names(sources))
     return output_dir
 
 

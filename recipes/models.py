@@ -4,8 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, get_peft_model
-from safetensors.torch import save_file
+from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,7 +20,8 @@ from recipes.config import ModelArguments
 from recipes.errors import RecipeError
 from recipes.model_cache import OFFLINE_MODELS, hub_reachable, resolve_model_path
 from recipes.padding import unused_special_token
-from reward_models.sources import FunctionSource, ModelSource, RewardSourceModel, WeightedSum
+from recipes.ppo.model import ValueHead
+from recipes.rewards.sources import FunctionSource, ModelSource, RewardSource, WeightedSum
 
 # Models the kit itself makes, by path prefix, and the command that makes them.
 KIT_MADE_MODELS = {
@@ -32,15 +32,13 @@ KIT_MADE_MODELS = {
 
 @dataclass
 class PPOModels:
-    """What the PPO trainer needs. `reference` is None when the LoRA policy with its adapter disabled serves as
-    the reference; `policy_peft_config` is applied by the trainer."""
+    """What the PPO trainer needs. The policy carries its LoRA adapters when the recipe trains through LoRA;
+    `reference` is None when that policy with its adapter disabled serves as the reference."""
 
     policy: PreTrainedModel
     reference: PreTrainedModel | None
-    value: "PreTrainedModel | ValueHead"
-    reward: torch.nn.Module
-    """A sequence-classification model, or a `reward_models.sources.RewardSourceModel` presenting as one."""
-    policy_peft_config: PeftConfig | None
+    value: PreTrainedModel | ValueHead
+    reward: RewardSource
 
 
 def torch_dtype(name: str | None) -> torch.dtype | str | None:
@@ -200,75 +198,34 @@ def describe_reward(model_args: ModelArguments) -> str:
     return " + ".join(name if weight == 1 else f"{weight:g} × {name}" for weight, name in zip(weights, names))
 
 
-def load_reward_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """What TRL's trainer scores with: a frozen one-label sequence-classification model. A reward model that
-    shares the policy's tokenizer, alone and unweighted, is loaded as it is (TRL's own path). Anything else (a
-    reward model with its own tokenizer, reward functions, weights) is a `RewardSourceModel` over their weighted
-    sum, which decodes the policy's tokens to text for the sources that read text."""
+def load_reward(model_args: ModelArguments) -> RewardSource:
+    """What PPO scores with: the reward model (reading the policy's tokens, or its own tokenizer's rendering of each
+    prompt and completion), the reward functions, or their weighted sum."""
     check_reward_block(model_args)
-    functions = [FunctionSource.from_spec(spec) for spec in model_args.reward_functions or []]
     has_model = bool(model_args.reward_model_name_or_path)
-    weights = model_args.reward_weights or [1.0] * (int(has_model) + len(functions))
-    own_tokenizer = model_args.reward_model_tokenizer == "own"
-    if has_model and not functions and weights == [1.0] and not own_tokenizer:
-        return _load_sequence_classifier(model_args, tokenizer)
-
-    text_parts = list(zip(weights[int(has_model) :], functions))
-    token_model, token_weight = None, 1.0
-    if has_model and own_tokenizer:
-        path = locate_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
-        reward_tokenizer = AutoTokenizer.from_pretrained(path)
-        text_parts.insert(0, (weights[0], ModelSource(_load_sequence_classifier(model_args, None), reward_tokenizer)))
-    elif has_model:
-        token_model, token_weight = _load_sequence_classifier(model_args, tokenizer), weights[0]
-    return RewardSourceModel(
-        WeightedSum(text_parts) if text_parts else None,
-        tokenizer,
-        token_model=token_model,
-        token_model_weight=token_weight,
-    )
+    parts: list[RewardSource] = []
+    if has_model:
+        own_tokenizer = None
+        if model_args.reward_model_tokenizer == "own":
+            path = locate_model(model_args.reward_model_name_or_path, "reward_model_name_or_path")
+            own_tokenizer = AutoTokenizer.from_pretrained(path)
+        parts.append(ModelSource(_load_sequence_classifier(model_args), own_tokenizer, name="reward_model"))
+    parts += [FunctionSource.from_spec(spec) for spec in model_args.reward_functions or []]
+    weights = model_args.reward_weights or [1.0] * len(parts)
+    if len(parts) == 1 and weights == [1.0]:
+        return parts[0]
+    return WeightedSum(list(zip(weights, parts)))
 
 
-def _load_sequence_classifier(
-    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None
-) -> PreTrainedModel:
-    """The reward model, frozen; padded with `tokenizer`'s pad token when it reads the policy's tokens."""
+def _load_sequence_classifier(model_args: ModelArguments) -> PreTrainedModel:
+    """The reward model, frozen."""
     name = model_args.reward_model_name_or_path
     _check_single_label(name, "reward_model_name_or_path")
     quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args)
     reward = _from_pretrained(
         AutoModelForSequenceClassification, name, "reward_model_name_or_path", **_model_kwargs(model_args, quantization)
     )
-    if tokenizer is not None:
-        reward.config.pad_token_id = tokenizer.pad_token_id
     return reward.eval().requires_grad_(False)
-
-
-class ValueHead(torch.nn.Module):
-    """The critic as a linear head on the policy's last hidden state (`value_model_init: policy_trunk`), in fp32
-    whatever the policy's dtype. It starts at zero: the first values are 0 and GAE starts from the raw returns.
-
-    TRL's trainer wraps the policy and the critic together and reads the critic's backbone as
-    `getattr(critic, critic.base_model_prefix)`; here that is an empty module, since the backbone is the policy's."""
-
-    base_model_prefix = "backbone"
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.backbone = torch.nn.Identity()
-        self.score = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.score.weight)
-        torch.nn.init.zeros_(self.score.bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.score(hidden_states.to(self.score.weight.dtype)).squeeze(-1)
-
-    def save_pretrained(self, output_dir: str | Path) -> None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, Path(output_dir) / VALUE_HEAD_FILE)
-
-
-VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def load_value_model(
@@ -289,7 +246,6 @@ def load_value_model(
     value = _from_pretrained(
         AutoModelForSequenceClassification, name, key, num_labels=1, **_model_kwargs(model_args, None)
     )
-    value.config.pad_token_id = tokenizer.pad_token_id
     if model_args.value_use_peft:
         value = get_peft_model(value, _value_lora_config(model_args))
     return value
@@ -326,15 +282,27 @@ def _model_kwargs(model_args: ModelArguments, quantization: BitsAndBytesConfig |
     return kwargs
 
 
-def load_ppo_models(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PPOModels:
-    """Loads the reward model first (the cheapest check of the recipe's most likely mistake), then the rest."""
-    reward = load_reward_model(model_args, tokenizer)
+def load_policy_for_training(model_args: ModelArguments) -> PreTrainedModel:
+    """The policy as PPO trains it: with fresh LoRA adapters (fp32, whatever the base's dtype) when `use_peft`, on a
+    4- or 8-bit base for QLoRA."""
     policy = load_policy(model_args)
+    peft_config = get_peft_config(model_args)
+    if peft_config is None:
+        return policy
+    if getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False):
+        # Gradients must reach the adapters through frozen quantized layers, also under activation checkpointing.
+        policy.enable_input_require_grads()
+    return get_peft_model(policy, peft_config)
+
+
+def load_ppo_models(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> PPOModels:
+    """Loads the reward first (the cheapest check of the recipe's most likely mistake), then the rest."""
+    reward = load_reward(model_args)
+    policy = load_policy_for_training(model_args)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     return PPOModels(
         policy=policy,
         reference=load_reference_model(model_args),
         value=load_value_model(model_args, tokenizer, policy),
         reward=reward,
-        policy_peft_config=get_peft_config(model_args),
     )

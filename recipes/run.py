@@ -4,19 +4,22 @@ on an output folder that holds a checkpoint continues the run from it."""
 
 import json
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
+from accelerate.utils import InitProcessGroupKwargs
 from transformers import set_seed
 
-from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, Recipe, check_output_dir, plan_batches
+from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, Recipe, check_output_dir
 from recipes.data import PromptSplits, load_prompts
-from recipes.engine import CHECKPOINTS_DIR, PROGRESS_FILE, RecipePPOTrainer, complete_checkpoints
 from recipes.errors import RecipeError
 from recipes.evaluation import HeldOutEvaluation
 from recipes.models import PPOModels, describe_reward, load_ppo_models, load_tokenizer, reference_mode
-from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
-
+from recipes.ppo import checkpoint
+from recipes.ppo.config import BatchPlan, PPOConfig, plan_batches
+from recipes.ppo.trainer import PPOTrainer
+from recipes.tracking import MetricsLog, finish_wandb_run, start_wandb_run
 
 
 def run_ppo(recipe: Recipe) -> Path:
@@ -32,6 +35,7 @@ def run_ppo(recipe: Recipe) -> Path:
     plan = plan_batches(training, state.num_processes, len(prompts.train))
     state.print(prompts.describe(recipe.data.max_prompt_length))
     state.print(f"batches: {plan.describe()}")
+    accelerator = build_accelerator(training, plan)
     # Fresh score heads and LoRA matrices are drawn from the global generators: seeded, a run is reproducible.
     set_seed(training.seed)
     models = load_ppo_models(model_args, tokenizer)
@@ -49,51 +53,49 @@ def run_ppo(recipe: Recipe) -> Path:
         recipe.save_yaml(output_dir / RESOLVED_RECIPE_FILE)
         if resume_from is None:
             # A fresh run over an old one (overwrite_output_dir): the old checkpoints must not be resumed later.
-            shutil.rmtree(output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+            shutil.rmtree(output_dir / checkpoint.CHECKPOINTS_DIR, ignore_errors=True)
             (output_dir / METRICS_FILE).write_text("")
+        else:
+            keep_metrics_until(output_dir / METRICS_FILE, checkpoint.read_progress(resume_from)["update"])
         if "wandb" in (training.report_to or []):
-            run_id = _progress(resume_from).get("wandb_run_id") if resume_from else None
+            run_id = checkpoint.read_progress(resume_from).get("wandb_run_id") if resume_from else None
             start_wandb_run(training.wandb_project, training.run_name, training.wandb_tags, recipe.to_dict(), run_id)
 
-    trainer = make_trainer(recipe, tokenizer, prompts, models, held_out, [MetricsFileCallback(output_dir / METRICS_FILE)])
-    if resume_from is not None and state.is_main_process:
-        keep_metrics_until(output_dir / METRICS_FILE, _progress(resume_from)["update"])
+    trainer = make_trainer(recipe, plan, accelerator, tokenizer, prompts, models, held_out,
+                           MetricsLog(output_dir / METRICS_FILE) if state.is_main_process else None)  # fmt: skip
     progress = trainer.train(resume_from=resume_from)
     if progress.preempted:
         if state.is_main_process:
             finish_wandb_run()
         state.print(f"preempted: checkpoint written; rerun the same command to continue from update {progress.update}")
         return output_dir
-    trainer.save_outputs(output_dir)
+    trainer.save_trained_models(output_dir)
     if state.is_main_process:
         finish_wandb_run()
     state.print(f"saved policy, value model, {RESOLVED_RECIPE_FILE} and {METRICS_FILE} to {output_dir}")
     return output_dir
 
 
-def make_trainer(
-    recipe: Recipe,
-    tokenizer,
-    prompts: PromptSplits,
-    models: PPOModels,
-    held_out: HeldOutEvaluation | None = None,
-    callbacks=(),
-) -> RecipePPOTrainer:
-    """The kit's PPO trainer over loaded models and prompts, with its held-out evaluation (if any)."""
-    trainer = RecipePPOTrainer(
-        args=recipe.training,
-        processing_class=tokenizer,
-        model=models.policy,
-        ref_model=models.reference,
-        reward_model=models.reward,
-        value_model=models.value,
-        train_dataset=prompts.train,
-        eval_dataset=prompts.eval,
-        peft_config=models.policy_peft_config,
-        callbacks=list(callbacks),
+def build_accelerator(config: PPOConfig, plan: BatchPlan) -> Accelerator:
+    """The run's accelerator: the launch config's backend (DDP, DeepSpeed, FSDP), the recipe's precision, and one
+    optimizer step per `plan.micro_batches_per_step` micro-batches. Made before any model is loaded, so that
+    DeepSpeed ZeRO-3 can create the models already sharded."""
+    precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    # TrainingArguments sets up (and first resets) the process state the first time its `device` is read, as
+    # transformers' optimizer choice does: read it now, so that it never resets the accelerator made here.
+    config.device  # noqa: B018
+    return Accelerator(
+        gradient_accumulation_steps=plan.micro_batches_per_step,
+        mixed_precision=precision,
+        cpu=config.use_cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
-    trainer.held_out_evaluation = held_out
-    return trainer
+
+
+def make_trainer(recipe: Recipe, plan: BatchPlan, accelerator, tokenizer, prompts: PromptSplits, models: PPOModels,
+                 held_out: HeldOutEvaluation | None = None, log=None) -> PPOTrainer:  # fmt: skip
+    """The kit's PPO trainer over loaded models and prompts."""
+    return PPOTrainer(recipe.training, plan, accelerator, tokenizer, models, prompts, models.reward, held_out, log)
 
 
 def checkpoint_to_resume(output_dir: str | None, explicit: str | None, overwrite: bool) -> Path | None:
@@ -101,17 +103,14 @@ def checkpoint_to_resume(output_dir: str | None, explicit: str | None, overwrite
     overwrite); else None (a fresh run)."""
     if explicit:
         path = Path(explicit)
-        if not (path / PROGRESS_FILE).is_file():
-            raise RecipeError(f"resume_from_checkpoint: {explicit} is not a complete checkpoint (no {PROGRESS_FILE})")
+        if not (path / checkpoint.PROGRESS_FILE).is_file():
+            raise RecipeError(
+                f"resume_from_checkpoint: {explicit} is not a complete checkpoint (no {checkpoint.PROGRESS_FILE})"
+            )
         return path
     if output_dir is None or overwrite:
         return None
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _progress(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / PROGRESS_FILE).read_text())
+    return checkpoint.latest(output_dir)
 
 
 def keep_metrics_until(path: Path, update: int) -> None:

@@ -1,8 +1,6 @@
-"""Reward sources for the PPO recipes: gold reward functions, preference data labelled by them, and trained
-reward models (sequence classifiers with one score).
-
-    from reward_models import gold_reward
-    scores = gold_reward("sentiment")(prompts, completions)   # one float per completion
+"""The reward-model pipeline, built on `recipes`: preference pairs sampled from a policy and labelled by a gold
+reward function (`preferences`), then a Bradley–Terry reward model trained on them with TRL's RewardTrainer
+(`training`), both read from one recipe (`config`).
 
     python scripts/build_preferences.py --config configs/smollm2-135m/reward.yaml   # reward_models.preferences
     accelerate launch scripts/train_reward.py --config configs/smollm2-135m/reward.yaml   # reward_models.training
@@ -10,8 +8,6 @@ reward models (sequence classifiers with one score).
 
 from pathlib import Path
 
-from reward_models.gold import GOLD_REWARDS, GoldReward, gold_reward, sentiment
-
 DEFAULT_REWARD_RECIPE = str(Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "reward.yaml")
 
-__all__ = ["DEFAULT_REWARD_RECIPE", "GOLD_REWARDS", "GoldReward", "gold_reward", "sentiment"]
+__all__ = ["DEFAULT_REWARD_RECIPE"]

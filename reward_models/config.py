@@ -40,7 +40,9 @@ class PreferenceArguments:
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
     max_test_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out prompts."})
     gold_reward: str = field(
-        default="sentiment", metadata={"help": "Gold function of reward_models.gold that labels the pairs."}
+        default="sentiment",
+        metadata={"help": "The reward function that labels the pairs: a built-in name (sentiment) or "
+                  "'package.module:function'."},
     )
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature (no top-k or top-p, as PPO samples rollouts)."}

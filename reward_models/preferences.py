@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from recipes.config import DataArguments, ModelArguments
-from recipes.data import load_raw_prompts, prompt_texts
+from recipes.data import collate_prompts, load_raw_prompts, tokenize_prompts
 from recipes.errors import RecipeError
+from recipes.generation import model_device, sample_responses, sampling_config
 from recipes.models import load_policy, load_tokenizer
+from recipes.ppo.core import cut_after_stop
+from recipes.rewards.sources import Episodes, FunctionSource, RewardSource
 from reward_models.config import RewardRecipe
-from reward_models.gold import GoldReward, gold_reward
 
 # The prompt loader's splits and the files their pairs go to: the test prompts' pairs validate the reward model.
 SPLIT_FILES = {"train": "train.jsonl", "eval": "test.jsonl"}
@@ -69,7 +71,7 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     if args.completions_per_prompt < 2:
         raise RecipeError(f"completions_per_prompt: {args.completions_per_prompt}; a pair needs at least 2")
     output_dir = _check_preferences_dir(recipe.data.dataset_name, args.overwrite_preferences)
-    gold = gold_reward(args.gold_reward)
+    gold = FunctionSource.from_spec(args.gold_reward, "gold_reward")
     policy_args = ModelArguments(
         model_name_or_path=args.policy_name_or_path, dtype=args.policy_dtype, pad_token=recipe.model.pad_token
     )
@@ -92,12 +94,12 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     for split, dataset in splits.items():
         if limits[split] is not None:
             dataset = dataset.select(range(min(limits[split], len(dataset))))
-        rendered = prompt_texts(dataset, prompt_args, tokenizer)
+        prompts, _ = tokenize_prompts(dataset, prompt_args, tokenizer)
         completions, truncated = sample_completions(
-            policy, tokenizer, rendered, args.completions_per_prompt, args.temperature, args.max_new_tokens,
+            policy, tokenizer, prompts, args.completions_per_prompt, args.temperature, args.max_new_tokens,
             args.generation_batch_size, SPLIT_NAMES[split],
         )
-        rows = preference_rows(list(dataset[args.prompts_column]), completions, gold, args.min_score_gap)
+        rows = preference_rows(list(prompts["prompt"]), completions, gold, args.min_score_gap)
         write_jsonl(output_dir / SPLIT_FILES[split], rows)
         gaps = [row["chosen_score"] - row["rejected_score"] for row in rows]
         summaries[SPLIT_NAMES[split]] = SplitSummary(
@@ -130,7 +132,7 @@ def _check_preferences_dir(dataset_name: str | None, overwrite: bool) -> Path:
 def sample_completions(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    rendered_prompts: list[str],
+    prompts,
     completions_per_prompt: int,
     temperature: float,
     max_new_tokens: int,
@@ -138,28 +140,18 @@ def sample_completions(
     desc: str = "sampling",
 ) -> tuple[list[list[str]], int]:
     """Returns (for each prompt its `completions_per_prompt` completions as text, how many of them were cut at
-    `max_new_tokens`). Prompts are already rendered with the chat template (no special tokens are added) and
-    left-padded; sampling uses the temperature alone, as PPO's rollouts do."""
-    eos_id = tokenizer.eos_token_id
+    `max_new_tokens`). `prompts`: tokenised prompts (`recipes.data.tokenize_prompts`), sampled with the shared
+    sampler as PPO samples its rollouts (the temperature alone), `batch_size` prompts per call."""
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    config = sampling_config(max_new_tokens, temperature, eos_id, pad_id)
     completions, truncated = [], 0
-    for start in tqdm(range(0, len(rendered_prompts), batch_size), desc=f"{desc} completions", unit="batch"):
-        batch = rendered_prompts[start : start + batch_size]
-        encoded = tokenizer(batch, padding=True, add_special_tokens=False, return_tensors="pt").to(policy.device)
-        output = policy.generate(
-            **encoded,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=completions_per_prompt,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos_id,
-        )
-        new_tokens = output[:, encoded["input_ids"].shape[1] :]
-        truncated += int((~(new_tokens == eos_id).any(dim=1)).sum())
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        # generate returns the samples of one prompt next to each other.
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{desc} completions", unit="batch"):
+        batch = collate_prompts([prompts[i] for i in range(start, min(start + batch_size, len(prompts)))], pad_id)
+        # A prompt's completions side by side: prompt i's are rows i·k … i·k + k − 1.
+        queries = batch.input_ids.repeat_interleave(completions_per_prompt, 0).to(model_device(policy))
+        responses = cut_after_stop(sample_responses(policy, queries, config, len(queries)), eos_id, pad_id)
+        truncated += int((~(responses == eos_id).any(dim=1)).sum())
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         completions.extend(
             texts[i : i + completions_per_prompt] for i in range(0, len(texts), completions_per_prompt)
         )
@@ -167,13 +159,14 @@ def sample_completions(
 
 
 def preference_rows(
-    prompts: list[str], completions: list[list[str]], gold: GoldReward, min_score_gap: float
+    prompts: list[str], completions: list[list[str]], gold: RewardSource, min_score_gap: float
 ) -> list[dict]:
     """For each prompt, one row per two of its completions whose gold scores differ by at least `min_score_gap`
     (in the order the completions came: first with second, first with third, ...); the higher scored is `chosen`
     (the earlier one on a tie, which only a gap of 0 keeps)."""
     flat_prompts = [prompt for prompt, group in zip(prompts, completions) for _ in group]
-    scores = iter(gold(flat_prompts, [completion for group in completions for completion in group]))
+    flat_completions = [completion for group in completions for completion in group]
+    scores = iter(gold.score(Episodes(flat_prompts, flat_completions)).total.tolist())
     rows = []
     for prompt, group in zip(prompts, completions):
         scored = [(completion, next(scores)) for completion in group]

@@ -2,7 +2,7 @@
 centre or normalise (optional) → evaluate → save. Everything that can be wrong with the input is checked before the output
 folder is touched.
 
-Pairs are tokenised here, by `reward_models.sources.scored_token_ids` (the sequence PPO and the evaluation score
+Pairs are tokenised here, by `recipes.rewards.sources.scored_token_ids` (the sequence PPO and the evaluation score
 too), and handed to the trainer as `chosen_ids`/`rejected_ids`: TRL's own conversational tokenisation would render
 the whole conversation, which ends with the template's text after the EOS where the score is read.
 """
@@ -33,7 +33,13 @@ from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
 from reward_models.preferences import read_preference_file
-from reward_models.sources import SCORING_BATCH_SIZE, padded_batches, scored_token_ids, sequence_scores
+from recipes.rewards.sources import (
+    SCORING_BATCH_SIZE,
+    last_token_hidden_states,
+    padded_batches,
+    scored_token_ids,
+    sequence_scores,
+)
 
 
 @dataclass
@@ -183,8 +189,8 @@ def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedToke
 
 
 def pair_metrics(model: PreTrainedModel, pairs: Dataset) -> PairMetrics:
-    chosen = sequence_scores(model, pairs["chosen_ids"])
-    rejected = sequence_scores(model, pairs["rejected_ids"])
+    chosen = sequence_scores(model, pairs["chosen_ids"], model.config.pad_token_id)
+    rejected = sequence_scores(model, pairs["rejected_ids"], model.config.pad_token_id)
     return PairMetrics(
         pairs=len(pairs),
         accuracy=(chosen > rejected).float().mean().item(),
@@ -197,13 +203,12 @@ def pair_metrics(model: PreTrainedModel, pairs: Dataset) -> PairMetrics:
 def _scored_hidden_states(model: PreTrainedModel, sequences: list[list[int]]) -> torch.Tensor:
     """The final hidden state the score head reads for each sequence (its last token): float32 [n, hidden]."""
     model.eval()
-    backbone = getattr(model, model.base_model_prefix)
-    states = []
-    for input_ids, attention_mask, lengths in padded_batches(
-        sequences, model.config.pad_token_id, SCORING_BATCH_SIZE, model.device
-    ):
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        states.append(hidden[torch.arange(len(lengths)), lengths - 1].float().cpu())
+    states = [
+        last_token_hidden_states(model, input_ids, attention_mask).float().cpu()
+        for input_ids, attention_mask, _ in padded_batches(
+            sequences, model.config.pad_token_id, SCORING_BATCH_SIZE, model.device
+        )
+    ]
     return torch.cat(states)
 
 

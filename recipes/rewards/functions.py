@@ -1,12 +1,15 @@
-"""Built-in reward functions, named in a recipe by their bare name or as `reward_models.functions:<name>`:
+"""Built-in reward functions, named in a recipe by their bare name (or as `recipes.rewards.functions:<name>`):
 
     reward_functions: [sentiment, length, ends_with_punctuation]
 
 Each has the signature of every reward function, `(prompts: list[str], completions: list[str]) -> list[float]`:
-one score per completion, judged with its prompt (these three ignore the prompt).
+one score per completion, judged with its prompt (these three ignore the prompt). `sentiment` is the default task's
+gold reward: it labels the preference pairs a proxy reward model learns from, and measures what PPO achieved.
 """
 
-from reward_models.gold import sentiment
+from functools import cache
+
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 __all__ = ["ends_with_punctuation", "length", "sentiment"]
 
@@ -16,6 +19,21 @@ LENGTH_TARGET_WORDS = 20
 SENTENCE_ENDINGS = ".!?…"
 CLOSING_MARKS = "\"'”’)]*"
 """Closing quotes, brackets and emphasis that may follow a sentence's final mark."""
+
+
+@cache
+def _vader() -> SentimentIntensityAnalyzer:
+    # Loading VADER's lexicon takes a moment; one analyser serves every call.
+    return SentimentIntensityAnalyzer()
+
+
+def sentiment(prompts: list[str], completions: list[str]) -> list[float]:
+    """VADER's compound score of each completion, in [-1, 1]: -1 most negative, 0 neutral (or empty), +1 most
+    positive. The prompt is ignored: the task is to answer any request in a positive tone."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    analyser = _vader()
+    return [analyser.polarity_scores(completion)["compound"] for completion in completions]
 
 
 def length(prompts: list[str], completions: list[str]) -> list[float]:

@@ -1,0 +1,148 @@
+"""Where the PPO loop meets accelerate's backends (one process, DDP, DeepSpeed ZeRO-2/3, FSDP 2): what each needs
+before `prepare`, where the frozen models go, how the policy samples, and how an update's steps are undone.
+
+The loop itself is the same on every backend: `recipes.ppo.trainer` calls only what is here.
+"""
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from accelerate.utils import DistributedType
+from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model
+
+from recipes.rewards.sources import ModelSource, RewardSource, WeightedSum
+
+
+class Backend:
+    """The accelerate backend of a run, and what the loop does differently on it."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.is_fsdp = accelerator.distributed_type == DistributedType.FSDP
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        self.is_zero3 = self.is_deepspeed and plugin.zero_stage == 3
+
+    def configure(self, plan, config) -> None:
+        """DeepSpeed reads its batch sizes from its own config, which accelerate fills from a dataloader; the kit
+        has none, so it sets them from the batch plan (and the gradient clipping from `max_grad_norm`)."""
+        if not self.is_deepspeed:
+            return
+        ds_config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = plan.micro_batch
+        ds_config["gradient_accumulation_steps"] = plan.micro_batches_per_step
+        ds_config["train_batch_size"] = plan.micro_batch * plan.micro_batches_per_step * self.accelerator.num_processes
+        ds_config["gradient_clipping"] = config.max_grad_norm if config.max_grad_norm > 0 else 0.0
+
+    def prepare_frozen(self, model):
+        """A frozen model (the separate reference) placed for inference: under DeepSpeed through its inference
+        engine (sharded under ZeRO-3), otherwise whole on this process's device. None passes through."""
+        if model is None:
+            return None
+        disable_dropout_in_model(model)
+        model.eval().requires_grad_(False)
+        if self.is_deepspeed:
+            return prepare_deepspeed(model, self.accelerator)
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            return model  # bitsandbytes places quantized weights when loading
+        return model.to(self.accelerator.device)
+
+    def prepare_reward(self, source: RewardSource) -> None:
+        """Places the reward models inside `source` as `prepare_frozen` places the reference."""
+        if isinstance(source, WeightedSum):
+            for part in source.parts:
+                self.prepare_reward(part)
+        elif isinstance(source, ModelSource):
+            source.model = self.prepare_frozen(source.model)
+
+    @property
+    def needs_synced_sampling(self) -> bool:
+        """Whether `generate` must keep every process stepping until all are done: weights gathered layer by layer
+        (FSDP, or ZeRO-3 without `ds3_gather_for_generation`) need every process at every forward."""
+        return self.accelerator.num_processes > 1 and (self.is_fsdp or self.is_zero3)
+
+    @contextmanager
+    def sampling(self, model, config):
+        """The policy ready to `generate`: eval mode and activation checkpointing off (in train mode it drops the
+        KV cache of checkpointed layers), ZeRO-3 weights gathered when `ds3_gather_for_generation` (TRL's
+        `unwrap_model_for_generation`), FSDP's root weights (embeddings, head) gathered for the whole call."""
+        model.eval()
+        kwargs = {"use_reentrant": False, **(config.activation_checkpointing_kwargs or {})}
+        try:
+            with unwrap_model_for_generation(
+                model, self.accelerator, gather_deepspeed3_params=config.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=kwargs,
+            ) as unwrapped:  # fmt: skip
+                if self.is_fsdp:
+                    model.unshard()
+                try:
+                    yield unwrapped.policy
+                finally:
+                    if self.is_fsdp:
+                        model.reshard()
+        finally:
+            model.train()
+
+    def snapshot(self, model, optimizer) -> "UpdateSnapshot":
+        """What an update's optimizer steps change, copied before the first one, so that an update stopped by a
+        non-finite loss or gradient can be undone. DeepSpeed steps inside its backward and keeps its own partitions
+        of the optimizer state: there the loss is checked before each backward and nothing needs undoing."""
+        if self.is_deepspeed:
+            return UpdateSnapshot(None, None, None)
+        return UpdateSnapshot(model, optimizer, self.accelerator.device)
+
+
+class UpdateSnapshot:
+    """The trainable weights and the optimizer state at an update's start, on the CPU (this process's shards)."""
+
+    def __init__(self, model, optimizer, device):
+        self.model, self.optimizer = model, optimizer
+        if model is None:
+            return
+        self.weights = {name: _copy(p) for name, p in model.named_parameters() if p.requires_grad}
+        self.optimizer_state = _copy(optimizer.state_dict())
+
+    def restore(self) -> None:
+        if self.model is None:
+            return
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if name in self.weights:
+                    p.copy_(self.weights[name])
+        self.optimizer.load_state_dict(self.optimizer_state)
+
+
+def _copy(state):
+    """A deep copy of tensors (nested in dicts and lists): plain tensors on the CPU, sharded ones (FSDP's DTensors)
+    where they are, since moving them would gather them."""
+    if isinstance(state, torch.Tensor):
+        if type(state) is not torch.Tensor and not isinstance(state, torch.nn.Parameter):
+            return state.detach().clone()
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: _copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy(value) for value in state)
+    return copy.deepcopy(state)
+
+
+class AdapterDisabled:
+    """The LoRA policy seen with its adapter disabled: the reference, for code that samples from it and reads its
+    logits (the held-out evaluation)."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def generate(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy.generate(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
