@@ -2,9 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Installed into the venv before the kit: the CPU wheel that lies on these machines (see pyproject.toml).
-TORCH := torch==2.13.0
-export TRL_EXPERIMENTAL_SILENCE := 1
+# The tested versions (constraints.txt), torch first: its CPU wheel lies on these machines.
+CONSTRAINTS := constraints.txt
 
 # The default pipeline (configs/smollm2-135m): preference pairs → reward model → PPO → evaluation.
 # DEMO_OUT moves all of its outputs; the *_FLAGS add command-line overrides to one step (tests run a small budget).
@@ -18,11 +17,11 @@ LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
 
 .PHONY: venv model preferences reward-model ppo evaluate demo bench seeds test clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) torch
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,deepspeed,demo]"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -71,3 +70,23 @@ test: model
 
 clean:
 	rm -rf outputs wandb
+
+# The reference side of the fidelity check (bench/trl112/README.md): TRL 1.12's PPOTrainer, removed in TRL 1.13,
+# in a venv of its own. `make trl112-reference` rewrites tests/data/trl112_reference.json, which the test suite
+# reads without TRL 1.12; it needs the offline SmolLM2 tokenizer (`make model`).
+TRL112_VENV := .venv-trl112
+TRL112_BIN := $(TRL112_VENV)/bin
+
+.PHONY: trl112-env trl112-reference
+
+$(TRL112_BIN)/.installed: bench/trl112/constraints.txt
+	test -x $(TRL112_BIN)/python || $(PYTHON) -m venv $(TRL112_VENV)
+	$(TRL112_BIN)/python -m pip install --quiet --upgrade pip
+	$(TRL112_BIN)/python -m pip install --quiet torch==2.13.0
+	$(TRL112_BIN)/python -m pip install --quiet -c bench/trl112/constraints.txt "trl==1.12.*" transformers peft accelerate datasets
+	touch $@
+
+trl112-env: $(TRL112_BIN)/.installed
+
+trl112-reference: trl112-env
+	$(TRL112_BIN)/python bench/trl112/record_reference.py

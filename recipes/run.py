@@ -18,6 +18,7 @@ from recipes.evaluation import HeldOutEvaluation
 from recipes.models import PPOModels, describe_reward, load_ppo_models, load_tokenizer, reference_mode
 from recipes.ppo import checkpoint
 from recipes.ppo.config import BatchPlan, PPOConfig, plan_batches
+from recipes.ppo.distributed import fsdp_on_cpu
 from recipes.ppo.trainer import PPOTrainer
 from recipes.tracking import MetricsLog, finish_wandb_run, start_wandb_run
 
@@ -84,12 +85,13 @@ def build_accelerator(config: PPOConfig, plan: BatchPlan) -> Accelerator:
     # TrainingArguments sets up (and first resets) the process state the first time its `device` is read, as
     # transformers' optimizer choice does: read it now, so that it never resets the accelerator made here.
     config.device  # noqa: B018
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=plan.micro_batches_per_step,
         mixed_precision=precision,
-        cpu=config.use_cpu,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
+    fsdp_on_cpu(accelerator)
+    return accelerator
 
 
 def make_trainer(recipe: Recipe, plan: BatchPlan, accelerator, tokenizer, prompts: PromptSplits, models: PPOModels,

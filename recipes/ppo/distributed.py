@@ -5,6 +5,7 @@ The loop itself is the same on every backend: `recipes.ppo.trainer` calls only w
 """
 
 import copy
+import os
 from contextlib import contextmanager
 
 import torch
@@ -13,6 +14,21 @@ from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
 from recipes.rewards.sources import ModelSource, RewardSource, WeightedSum
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """An FSDP launch config on a machine without GPUs: accelerate selects FSDP only on GPU-like devices and falls
+    back to plain DDP over gloo, silently. Switches the run to FSDP with accelerate's own plugin, read from the
+    launch config, so that the same FSDP 2 path a GPU cluster runs is exercised on CPU processes (tests, CI)."""
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and accelerator.distributed_type == DistributedType.MULTI_CPU and not torch.cuda.is_available():
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        # Both shared states: every later AcceleratorState() copies the process state's type over its own.
+        PartialState().distributed_type = DistributedType.FSDP
+        accelerator.state.distributed_type = DistributedType.FSDP
 
 
 class Backend:

@@ -9,7 +9,7 @@ gold reward: it labels the preference pairs a proxy reward model learns from, an
 
 from functools import cache
 
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+from recipes.errors import RecipeError
 
 __all__ = ["ends_with_punctuation", "length", "sentiment"]
 
@@ -22,8 +22,12 @@ CLOSING_MARKS = "\"'”’)]*"
 
 
 @cache
-def _vader() -> SentimentIntensityAnalyzer:
+def _vader():
     # Loading VADER's lexicon takes a moment; one analyser serves every call.
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as error:
+        raise RecipeError("reward function 'sentiment' needs vaderSentiment: pip install 'ppo-recipes[demo]'") from error
     return SentimentIntensityAnalyzer()
 
 
