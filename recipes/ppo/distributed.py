@@ -81,25 +81,24 @@ class Backend:
 
     @contextmanager
     def sampling(self, model, config):
-        """The policy ready to `generate`: eval mode and activation checkpointing off (in train mode it drops the
-        KV cache of checkpointed layers), ZeRO-3 weights gathered when `ds3_gather_for_generation` (TRL's
-        `unwrap_model_for_generation`), FSDP's root weights (embeddings, head) gathered for the whole call."""
-        model.eval()
+        """The policy ready to `generate`: activation checkpointing off (in train mode it drops the KV cache of
+        checkpointed layers: each token would be sampled without its context), ZeRO-3 weights gathered when
+        `ds3_gather_for_generation` (TRL's `unwrap_model_for_generation`), FSDP's root weights (embeddings, head)
+        gathered for the whole call. The trained module stays in train mode throughout, its dropout disabled, as in
+        TRL: bitsandbytes' 4-bit layers on a CPU repack their weights for inference the first time they run in eval
+        mode without gradients, and no gradient flows through them after that."""
         kwargs = {"use_reentrant": False, **(config.activation_checkpointing_kwargs or {})}
-        try:
-            with unwrap_model_for_generation(
-                model, self.accelerator, gather_deepspeed3_params=config.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=kwargs,
-            ) as unwrapped:  # fmt: skip
+        with unwrap_model_for_generation(
+            model, self.accelerator, gather_deepspeed3_params=config.ds3_gather_for_generation,
+            gradient_checkpointing_kwargs=kwargs,
+        ) as unwrapped:  # fmt: skip
+            if self.is_fsdp:
+                model.unshard()
+            try:
+                yield unwrapped.policy
+            finally:
                 if self.is_fsdp:
-                    model.unshard()
-                try:
-                    yield unwrapped.policy
-                finally:
-                    if self.is_fsdp:
-                        model.reshard()
-        finally:
-            model.train()
+                    model.reshard()
 
     def snapshot(self, model, optimizer) -> "UpdateSnapshot":
         """What an update's optimizer steps change, copied before the first one, so that an update stopped by a

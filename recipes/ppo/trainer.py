@@ -27,6 +27,7 @@ from recipes.errors import RecipeError
 from recipes.ppo import checkpoint, core, distributed
 from recipes.ppo.config import BatchPlan, PPOConfig
 from recipes.ppo.model import PolicyAndValue
+from trl.trainer.utils import disable_dropout_in_model
 from recipes.rewards.sources import Episodes, RewardSource
 from recipes.tracking import PhaseMeter
 
@@ -128,6 +129,9 @@ class PPOTrainer:
         self.backend = distributed.Backend(accelerator)
 
         model = PolicyAndValue(models.policy, models.value)
+        # No dropout anywhere (TRL's choice too): PPO's ratio and KL compare the same function before and after.
+        disable_dropout_in_model(model)
+        model.train()
         if config.activation_checkpointing:
             model.gradient_checkpointing_enable(config.activation_checkpointing_kwargs)
         self.optimizer = build_optimizer(config, model)
@@ -229,7 +233,6 @@ class PPOTrainer:
         response_width = responses.shape[1]
         logprobs, ref_logprobs, values = [], [], []
         step = config.local_rollout_forward_batch_size
-        self.model.eval()
         with self.phases("scoring"), accelerator.autocast():
             for start in range(0, len(query_responses), step):
                 rows = query_responses[start : start + step]
@@ -249,7 +252,6 @@ class PPOTrainer:
                 pad_token_id=self.pad_token_id,
             )
             reward = self.reward.score(episodes)
-        self.model.train()
         scores = reward.total.to(accelerator.device)
         if config.missing_eos_penalty is not None:
             ended = (scored == self.tokenizer.eos_token_id).any(-1)
@@ -288,7 +290,6 @@ class PPOTrainer:
         stats = {name: torch.zeros(shape, device=accelerator.device) for name in STAT_METRICS}
         response_width = rollout.responses.shape[1]
         snapshot = self.backend.snapshot(self.model, self.optimizer)
-        self.model.train()
         for epoch in range(config.num_ppo_epochs):
             order = np.random.permutation(plan.local_episodes)
             for mini in range(plan.num_mini_batches):
