@@ -83,7 +83,8 @@ $(TRL112_BIN)/.installed: bench/trl112/constraints.txt
 	test -x $(TRL112_BIN)/python || $(PYTHON) -m venv $(TRL112_VENV)
 	$(TRL112_BIN)/python -m pip install --quiet --upgrade pip
 	$(TRL112_BIN)/python -m pip install --quiet torch==2.13.0
-	$(TRL112_BIN)/python -m pip install --quiet -c bench/trl112/constraints.txt "trl==1.12.*" transformers peft accelerate datasets
+	$(TRL112_BIN)/python -m pip install --quiet -c bench/trl112/constraints.txt \
+		"trl==1.12.*" transformers peft accelerate datasets
 	touch $@
 
 trl112-env: $(TRL112_BIN)/.installed
