@@ -28,7 +28,7 @@ RECIPE = "configs/smollm2-135m/ppo.yaml"
 KIT_REWARD_MODEL = KIT_ROOT / "outputs" / "smollm2-135m" / "reward_model"
 # The child reports its own peak RSS (bytes): RUSAGE_CHILDREN would be the maximum over every child waited for so far.
 IMPORTS_OF_A_RUN = (
-    "import resource, recipes.run, reward_models.sources, torch.distributed; "
+    "import resource, recipes.run, recipes.rewards.sources, torch.distributed; "
     "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
 )
 

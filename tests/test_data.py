@@ -1,14 +1,25 @@
-"""Prompt loading with the real SmolLM2 tokenizer: file formats, chat rendering, length filtering, the pad token."""
+"""Prompt loading with the real SmolLM2 tokenizer: file formats, chat rendering, length filtering, the pad token, the
+columns reward sources read (`prompt`, `messages`) and the left-padded batches of `collate_prompts`."""
 
 import json
 
 import pytest
+import torch
 from conftest import PROMPTS, write_prompt_files
 from datasets import Dataset
 from transformers import AutoTokenizer
 
 from recipes import DataArguments, ModelArguments, RecipeError
-from recipes.data import load_prompts, load_raw_prompts, prompt_texts, tokenize_prompts
+from recipes.data import (
+    PromptBatch,
+    collate_prompts,
+    load_prompts,
+    load_raw_prompts,
+    prompt_conversations,
+    prompt_texts,
+    reward_prompts,
+    tokenize_prompts,
+)
 from recipes.models import load_tokenizer
 
 GENERATION_PROMPT = "<|im_start|>assistant\n"
@@ -53,12 +64,16 @@ def test_prompt_files_load_and_split(prompt_files, tokenizer, file_format):
     assert prompts.dropped_too_long == {"train": 0, "eval": 0}
     expected = tokenizer(list(raw["train"]["prompt"]))["input_ids"]
     assert list(prompts.train["input_ids"]) == expected
-    assert prompts.train.column_names == ["input_ids"]
+    assert prompts.train.column_names == ["input_ids", "prompt", "messages"]
+    # Each row keeps its own text beside its ids: what reward functions read.
+    assert list(prompts.train["prompt"]) == list(raw["train"]["prompt"])
 
 
 def test_split_is_the_same_for_every_file_format(prompt_files):
     splits = {
-        file_format: list(load_raw_prompts(DataArguments(dataset_name=str(prompt_files[file_format])), seed=7)["eval"]["prompt"])
+        file_format: list(
+            load_raw_prompts(DataArguments(dataset_name=str(prompt_files[file_format])), seed=7)["eval"]["prompt"]
+        )
         for file_format in ("jsonl", "csv", "parquet")
     }
     assert splits["jsonl"] == splits["csv"] == splits["parquet"]
@@ -146,3 +161,112 @@ def test_missing_data_file_is_named(tmp_path):
     missing = tmp_path / "absent.jsonl"
     with pytest.raises(RecipeError, match=rf"dataset_name: data file not found: {missing}"):
         load_raw_prompts(DataArguments(dataset_name=str(missing)), seed=0)
+
+
+# --- the columns reward sources read ---------------------------------------------------------------------------
+
+
+CHATS = [
+    [{"role": "user", "content": "Tell me about your day."}],
+    [
+        {"role": "system", "content": "You are cheerful."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How was the film?"},
+    ],
+]
+
+
+def test_plain_prompts_keep_their_text_and_no_conversation(tokenizer):
+    data_args = DataArguments(dataset_name="inline")
+    tokenized, dropped = tokenize_prompts(Dataset.from_dict({"prompt": PROMPTS[:3]}), data_args, tokenizer)
+    assert dropped == 0
+    assert list(tokenized["prompt"]) == PROMPTS[:3]
+    assert list(tokenized["messages"]) == [[], [], []]  # no chat turns: a reward model reads prompt + completion
+    assert list(tokenized["input_ids"]) == tokenizer(PROMPTS[:3])["input_ids"]
+
+
+def test_prompts_as_user_messages_keep_the_plain_text_and_one_user_turn(tokenizer):
+    data_args = DataArguments(dataset_name="inline", prompt_as_user_message=True)
+    tokenized, _ = tokenize_prompts(Dataset.from_dict({"prompt": PROMPTS[:3]}), data_args, tokenizer)
+    # The policy continues the rendered chat; reward functions read the bare prompt, reward models the turn.
+    assert list(tokenized["prompt"]) == PROMPTS[:3]
+    assert list(tokenized["messages"]) == [[{"role": "user", "content": p}] for p in PROMPTS[:3]]
+    for ids, prompt in zip(tokenized["input_ids"], PROMPTS[:3]):
+        text = tokenizer.decode(ids)
+        assert f"<|im_start|>user\n{prompt}<|im_end|>\n" in text and text.endswith(GENERATION_PROMPT)
+
+
+def test_chat_prompts_keep_their_turns_and_the_last_user_message(tokenizer):
+    dataset = Dataset.from_dict({"messages": CHATS})
+    data_args = DataArguments(dataset_name="inline")
+    assert reward_prompts(dataset, data_args) == ["Tell me about your day.", "How was the film?"]
+    assert prompt_conversations(dataset, data_args) == CHATS
+    tokenized, _ = tokenize_prompts(dataset, data_args, tokenizer)
+    assert list(tokenized["prompt"]) == ["Tell me about your day.", "How was the film?"]
+    assert list(tokenized["messages"]) == CHATS
+    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CHATS]
+    assert [tokenizer.decode(ids) for ids in tokenized["input_ids"]] == rendered
+
+
+def test_a_chat_without_a_user_turn_gives_an_empty_reward_prompt():
+    dataset = Dataset.from_dict({"messages": [[{"role": "system", "content": "Say something."}]]})
+    assert reward_prompts(dataset, DataArguments(dataset_name="inline")) == [""]
+
+
+def test_dropped_prompts_take_their_text_and_turns_with_them(tokenizer):
+    """Rows stay aligned when long prompts are dropped: each kept row's text and turns are its own."""
+    texts = ["short one", "a much longer prompt " * 10, "short two"]
+    chats = [[{"role": "user", "content": t}] for t in texts]
+    rendered = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    limit = max(lengths[0], lengths[2])
+    assert lengths[1] > limit
+    data_args = DataArguments(dataset_name="inline", prompt_as_user_message=True, max_prompt_length=limit)
+    tokenized, dropped = tokenize_prompts(Dataset.from_dict({"prompt": texts}), data_args, tokenizer)
+    assert dropped == 1
+    assert list(tokenized["prompt"]) == ["short one", "short two"]
+    assert [m[0]["content"] for m in tokenized["messages"]] == ["short one", "short two"]
+    assert [tokenizer.decode(ids).count("short") for ids in tokenized["input_ids"]] == [1, 1]
+
+
+def test_loaded_chat_prompts_carry_their_messages(prompt_files, tokenizer):
+    data_args = DataArguments(dataset_name=str(prompt_files["messages"]))
+    raw = load_raw_prompts(data_args, seed=42)
+    prompts = load_prompts(data_args, tokenizer, seed=42)
+    assert list(prompts.eval["messages"]) == list(raw["eval"]["messages"])
+    assert list(prompts.eval["prompt"]) == [m[0]["content"] for m in raw["eval"]["messages"]]
+
+
+# --- batches ---------------------------------------------------------------------------------------------------
+
+
+def test_collate_prompts_left_pads_with_the_pad_id(tokenizer):
+    data_args = DataArguments(dataset_name="inline", prompt_as_user_message=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[10]]
+    tokenized, _ = tokenize_prompts(Dataset.from_dict({"prompt": prompts}), data_args, tokenizer)
+    rows = list(tokenized)
+    lengths = [len(row["input_ids"]) for row in rows]
+    assert len(set(lengths)) == 3  # different lengths: the padding shows
+    pad = tokenizer.pad_token_id
+    batch = collate_prompts(rows, pad)
+    assert isinstance(batch, PromptBatch)
+    assert batch.input_ids.shape == (3, max(lengths)) and batch.input_ids.dtype == torch.long
+    for row, ids, length in zip(batch.input_ids, tokenized["input_ids"], lengths):
+        width = max(lengths) - length
+        assert row[:width].tolist() == [pad] * width
+        assert row[width:].tolist() == ids
+        assert pad not in ids
+    assert batch.prompts == prompts
+    assert batch.conversations == [[{"role": "user", "content": p}] for p in prompts]
+
+
+def test_collate_prompts_without_chat_turns_has_no_conversations(tokenizer):
+    data_args = DataArguments(dataset_name="inline")
+    tokenized, _ = tokenize_prompts(Dataset.from_dict({"prompt": PROMPTS[:2]}), data_args, tokenizer)
+    batch = collate_prompts(list(tokenized), pad_token_id=7)
+    assert batch.conversations is None
+    assert batch.prompts == PROMPTS[:2]
+    shorter = min(range(2), key=lambda i: len(tokenized[i]["input_ids"]))
+    gap = batch.input_ids.shape[1] - len(tokenized[shorter]["input_ids"])
+    assert gap > 0 and batch.input_ids[shorter, :gap].tolist() == [7] * gap
