@@ -151,12 +151,12 @@ def load_reward_sources(evaluation: EvalArguments) -> list[RewardSource]:
 
 
 def held_out_prompts(data_args: DataArguments, tokenizer, seed: int):
-    """The held-out prompts (at most `max_eval_prompts`), tokenised as the PPO recipe tokenises them: a dataset of
-    `input_ids`, `prompt` and `messages` (`recipes.data.tokenize_prompts`)."""
+    """The held-out prompts exactly as the PPO run holds them out (`recipes.data.load_prompts`: too-long prompts
+    dropped, then at most `max_eval_prompts`): a dataset of `input_ids`, `prompt` and `messages`."""
     held_out = load_raw_prompts(data_args, seed=seed)["eval"]
-    if data_args.max_eval_prompts is not None:
-        held_out = held_out.select(range(min(data_args.max_eval_prompts, len(held_out))))
     prompts, dropped = tokenize_prompts(held_out, data_args, tokenizer)
+    if data_args.max_eval_prompts is not None:
+        prompts = prompts.select(range(min(data_args.max_eval_prompts, len(prompts))))
     if len(prompts) == 0:
         raise RecipeError(
             f"dataset_name: no held-out prompts left after dropping {dropped} longer than max_prompt_length"

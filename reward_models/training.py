@@ -16,6 +16,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -23,12 +24,14 @@ from transformers import (
     PreTrainedTokenizerBase,
     set_seed,
 )
+from peft import get_peft_model
 from trl import RewardTrainer, get_peft_config
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from recipes.data import load_raw_prompts
 from recipes.errors import RecipeError
 from recipes.models import load_tokenizer, locate_model, torch_dtype
+from recipes.ppo.distributed import fsdp_on_cpu
 from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
@@ -269,6 +272,39 @@ def _append_metrics(path: Path, step: int, logs: dict[str, float]) -> None:
         file.write(json.dumps({"step": step, **logs}) + "\n")
 
 
+class KitRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer, with an FSDP launch config honoured on CPU processes too (tests, CI): accelerate
+    selects FSDP only on GPU-like devices (`recipes.ppo.distributed.fsdp_on_cpu`)."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if fsdp_on_cpu(self.accelerator):
+            self.is_fsdp_enabled = True
+
+
+def gathered_model(trainer: RewardTrainer, peft_config) -> PreTrainedModel | None:
+    """The trained model, whole and unsharded, LoRA merged, on the main process's CPU (None on the others). Every
+    process must call it: under ZeRO-3 and FSDP each holds only a shard, which are gathered first. The model is
+    rebuilt from its config (outside any DeepSpeed partitioning) and given the gathered weights, so that what
+    follows (normalising, scoring the validation pairs, saving) runs on the main process alone."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not trainer.accelerator.is_main_process:
+        return None
+    module = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    base = module.get_base_model() if is_peft_model(module) else module
+    # Training is over: models made from here on are whole (transformers would otherwise create them under
+    # ZeRO-3's partitioning, which needs every process to take part).
+    unset_hf_deepspeed_config()
+    model = AutoModelForSequenceClassification.from_config(base.config, dtype=base.dtype)
+    if is_peft_model(module):
+        model = get_peft_model(model, peft_config)
+    missing, unexpected = model.load_state_dict({k: v.cpu() for k, v in state_dict.items()}, strict=False)
+    trained_missing = [key for key in missing if "lora_" in key or key.endswith("score.weight")]
+    if trained_missing or unexpected:
+        raise RuntimeError(f"gathered reward model does not fit its config: missing {trained_missing}, unexpected {unexpected}")
+    return (model.merge_and_unload() if is_peft_model(model) else model).eval()
+
+
 def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
     """Trains, and saves to `output_dir` a folder that `AutoModelForSequenceClassification.from_pretrained`
     loads (one label, the kit's pad token, LoRA merged) with its tokenizer and chat template, plus
@@ -313,7 +349,7 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
         if wandb_on:
             start_wandb_run(training.wandb_project, training.run_name, training.wandb_tags, recipe.to_dict())
 
-    trainer = RewardTrainer(
+    trainer = KitRewardTrainer(
         model=model,
         args=training,
         train_dataset=pairs.train,
@@ -324,11 +360,8 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
     )
     trainer.train()
 
-    final_model, final_logs = None, {}
+    final_model, final_logs = gathered_model(trainer, peft_config), {}
     if state.is_main_process:
-        final_model = trainer.accelerator.unwrap_model(trainer.model)
-        if is_peft_model(final_model):
-            final_model = final_model.merge_and_unload()
         final_model.config.pad_token_id = tokenizer.pad_token_id
         if reference is not None:
             centring = normalize_score_head(final_model, reference, unit_std=training.normalize_rewards)

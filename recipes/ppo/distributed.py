@@ -16,7 +16,7 @@ from trl.trainer.utils import disable_dropout_in_model
 from recipes.rewards.sources import ModelSource, RewardSource, WeightedSum
 
 
-def fsdp_on_cpu(accelerator) -> None:
+def fsdp_on_cpu(accelerator) -> bool:
     """An FSDP launch config on a machine without GPUs: accelerate selects FSDP only on GPU-like devices and falls
     back to plain DDP over gloo, silently. Switches the run to FSDP with accelerate's own plugin, read from the
     launch config, so that the same FSDP 2 path a GPU cluster runs is exercised on CPU processes (tests, CI)."""
@@ -29,6 +29,8 @@ def fsdp_on_cpu(accelerator) -> None:
         # Both shared states: every later AcceleratorState() copies the process state's type over its own.
         PartialState().distributed_type = DistributedType.FSDP
         accelerator.state.distributed_type = DistributedType.FSDP
+        return True
+    return False
 
 
 class Backend:
