@@ -43,6 +43,19 @@ class Backend:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         self.is_zero3 = self.is_deepspeed and plugin.zero_stage == 3
 
+    def describe(self) -> str:
+        """One line for the run's log, e.g. 'DeepSpeed ZeRO-3 on 2 processes (cpu)'."""
+        if self.is_deepspeed:
+            name = f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        elif self.is_fsdp:
+            name = f"FSDP {self.accelerator.state.fsdp_plugin.fsdp_version}"
+        elif self.accelerator.num_processes > 1:
+            name = "DDP"
+        else:
+            name = "one process"
+        processes = self.accelerator.num_processes
+        return f"{name} on {processes} process{'es' if processes > 1 else ''} ({self.accelerator.device.type})"
+
     def configure(self, plan, config) -> None:
         """DeepSpeed reads its batch sizes from its own config, which accelerate fills from a dataloader; the kit
         has none, so it sets them from the batch plan (and the gradient clipping from `max_grad_norm`)."""

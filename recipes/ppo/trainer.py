@@ -127,6 +127,7 @@ class PPOTrainer:
         self.pad_token_id = tokenizer.pad_token_id
         self.phases = PhaseMeter(accelerator.device)
         self.backend = distributed.Backend(accelerator)
+        accelerator.print(f"backend: {self.backend.describe()}")
 
         model = PolicyAndValue(models.policy, models.value)
         # No dropout anywhere (TRL's choice too): PPO's ratio and KL compare the same function before and after.
@@ -291,7 +292,7 @@ class PPOTrainer:
         response_width = rollout.responses.shape[1]
         snapshot = self.backend.snapshot(self.model, self.optimizer)
         for epoch in range(config.num_ppo_epochs):
-            order = np.random.permutation(plan.local_episodes)
+            order = self.episode_order(plan.local_episodes)
             for mini in range(plan.num_mini_batches):
                 mini_batch = order[mini * plan.local_mini_batch : (mini + 1) * plan.local_mini_batch]
                 for micro in range(plan.micro_batches_per_step):
@@ -313,6 +314,11 @@ class PPOTrainer:
                     for name in STAT_METRICS:
                         stats[name][epoch, mini, micro] = losses[name].detach()
         return stats
+
+    def episode_order(self, episodes: int) -> np.ndarray:
+        """The order of an epoch's episodes before they are cut into mini-batches: a fresh shuffle from numpy's
+        generator (seeded per process; restored on resume)."""
+        return np.random.permutation(episodes)
 
     def micro_batch_losses(self, rollout: Rollout, index, response_width: int) -> dict[str, torch.Tensor]:
         """The PPO loss of the episodes `index` of `rollout` under the current weights, with its statistics."""
