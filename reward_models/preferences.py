@@ -180,8 +180,8 @@ def preference_rows(
                 {
                     "chosen": [user, {"role": "assistant", "content": first}],
                     "rejected": [user, {"role": "assistant", "content": second}],
-                    "chosen_score": first_score,
-                    "rejected_score": second_score,
+                    "chosen_score": round(first_score, 6),  # float32 scores, written without float noise
+                    "rejected_score": round(second_score, 6),
                 }
             )
     return rows

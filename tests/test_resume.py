@@ -2,6 +2,7 @@
 cut-short checkpoints are skipped; non-finite updates are skipped, counted, and stop the run when they repeat."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipes.engine import CHECKPOINTS_DIR, PROGRESS_FILE, complete_checkpoints
+from recipes.ppo.checkpoint import CHECKPOINTS_DIR, PROGRESS_FILE, complete_checkpoints
 from tests.conftest import PPO_SCRIPT, REPO_ROOT, read_metrics, run_python, tiny_recipe_flags
 
 pytestmark = pytest.mark.slow
@@ -130,10 +131,7 @@ def test_checkpoint_cut_short_is_skipped_for_the_previous_one(uninterrupted, tmp
     # A kill while writing leaves the staging folder, or a folder without its progress file (written last).
     copy = tmp_path / "run"
     for checkpoint in checkpoints[:2]:
-        target = copy / CHECKPOINTS_DIR / checkpoint.name
-        target.mkdir(parents=True)
-        for file in checkpoint.iterdir():
-            (target / file.name).write_bytes(file.read_bytes())
+        shutil.copytree(checkpoint, copy / CHECKPOINTS_DIR / checkpoint.name)
     (copy / CHECKPOINTS_DIR / "update-000002" / PROGRESS_FILE).unlink()
     (copy / CHECKPOINTS_DIR / ".partial-update-000003").mkdir()
     assert [p.name for p in complete_checkpoints(copy)] == ["update-000001"]

@@ -15,8 +15,9 @@ from recipes.model_cache import resolve_model_path
 from recipes.models import load_tokenizer
 from recipes.tiny_models import DEFAULT_TOKENIZER, tiny_llama_config
 from reward_models.config import parse_reward_recipe
+from recipes.rewards.sources import FunctionSource
 from reward_models.preferences import build_preferences, preference_rows
-from reward_models.sources import scored_token_ids, sequence_scores
+from recipes.rewards.sources import scored_token_ids, sequence_scores
 from reward_models.training import train_reward_model
 
 from conftest import REPO_ROOT, read_metrics, run_python
@@ -113,13 +114,13 @@ def test_reward_model_learns_the_marker_and_reloads_with_the_same_scores(random_
     training_rows = marker_pairs(128, seed=0)
     completions = [row[side] for side in ("chosen", "rejected") for row in training_rows]
     reference = {tuple(scored_token_ids(tokenizer, conversation)) for conversation in completions}
-    reference_scores = sequence_scores(reloaded, [list(ids) for ids in reference])
+    reference_scores = sequence_scores(reloaded, [list(ids) for ids in reference], tokenizer.pad_token_id)
     assert reference_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert reference_scores.std().item() == pytest.approx(1.0, abs=1e-3)
 
     texts = [row["chosen"] for row in marker_pairs(6, seed=2)] + [row["rejected"] for row in marker_pairs(6, seed=2)]
     sequences = [scored_token_ids(tokenizer, conversation) for conversation in texts]
-    torch.testing.assert_close(sequence_scores(reloaded, sequences), sequence_scores(result.model, sequences))
+    torch.testing.assert_close(sequence_scores(reloaded, sequences, tokenizer.pad_token_id), sequence_scores(result.model, sequences, tokenizer.pad_token_id))
 
     metrics = read_metrics(output_dir / "metrics.jsonl")
     assert any("eval_accuracy" in line and "eval_margin" in line for line in metrics)  # TRL's, during training
@@ -143,7 +144,7 @@ def test_lora_reward_model_is_saved_merged(random_llama, marker_dataset, tmp_pat
     assert not any("lora" in name for name, _ in reloaded.named_parameters())
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     sequences = [scored_token_ids(tokenizer, row["chosen"]) for row in marker_pairs(4, seed=3)]
-    torch.testing.assert_close(sequence_scores(reloaded, sequences), sequence_scores(result.model, sequences))
+    torch.testing.assert_close(sequence_scores(reloaded, sequences, tokenizer.pad_token_id), sequence_scores(result.model, sequences, tokenizer.pad_token_id))
     # The score head trained (LoRA's task type SEQ_CLS saves it in full): it differs from a fresh head.
     fresh = AutoModelForSequenceClassification.from_pretrained(random_llama, num_labels=1)
     assert not torch.equal(fresh.score.weight, reloaded.score.weight)
@@ -228,7 +229,8 @@ def test_every_two_completions_of_a_prompt_far_enough_apart_make_a_pair():
     def gold(prompts, completions):
         return [gold_scores[completion] for completion in completions]
 
-    rows = preference_rows(["P", "Q"], [["a", "b", "c", "d"], ["b", "c", "a", "d"]], gold, min_score_gap=0.5)
+    completions = [["a", "b", "c", "d"], ["b", "c", "a", "d"]]
+    rows = preference_rows(["P", "Q"], completions, FunctionSource(gold), min_score_gap=0.5)
     pairs = [(row["chosen"][0]["content"], row["chosen"][1]["content"], row["rejected"][1]["content"]) for row in rows]
     # a–c (0.2 apart) is dropped for both prompts; the higher-scored completion is chosen.
     assert pairs == [

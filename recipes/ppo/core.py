@@ -85,8 +85,9 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `keep` is True (a scalar)."""
-    return (values * keep).sum() / keep.sum()
+    """Mean of `values` where `keep` is True (a scalar); 0 when nothing is kept (a micro-batch of responses that
+    ended at their first token contributes no policy loss, rather than a NaN that would void the update)."""
+    return (values * keep).sum() / keep.sum().clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
