@@ -9,13 +9,14 @@ the whole conversation, which ends with the template's text after the EOS where 
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import is_peft_model
-from datasets import Dataset
+from datasets import Dataset, Value
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers import (
     AutoConfig,
@@ -85,41 +86,125 @@ class RewardTrainingResult:
     final_metrics: dict[str, float]
 
 
-def _conversations(row: dict, index: int, source: str) -> tuple[list[dict], list[dict]]:
-    """(chosen, rejected) conversations of one row, each ending with the assistant turn being compared."""
-    prompt = row.get("prompt")
-    if prompt is not None and not isinstance(prompt, list):
-        raise RecipeError(f"{source}: row {index}: column 'prompt' must be chat messages, not {type(prompt).__name__}")
-    conversations = []
-    for column in ("chosen", "rejected"):
-        value = row[column]
-        if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
-            raise RecipeError(
-                f"{source}: row {index}: column '{column}' must be a list of chat messages ({{role, content}})"
-            )
-        conversation = (prompt or []) + value
-        if conversation[-1].get("role") != "assistant" or len(conversation) < 2:
-            raise RecipeError(
-                f"{source}: row {index}: column '{column}' must end with an assistant turn after the prompt"
-            )
-        conversations.append(conversation)
-    if conversations[0][:-1] != conversations[1][:-1]:
-        raise RecipeError(f"{source}: row {index}: 'chosen' and 'rejected' have different prompt turns")
-    return conversations[0], conversations[1]
+# The preference shapes the kit reads, as published: TRL's preference formats (conversational or plain text,
+# with a `prompt` column or with the prompt implicit in both sides) and Anthropic's HH-RLHF dialogue strings.
+PAIR_SHAPES = {
+    "messages": "chat messages in 'chosen'/'rejected' (the prompt's turns in them, or in a 'prompt' column)",
+    "text": "plain text in 'prompt', 'chosen' and 'rejected'",
+    "implicit text": "plain text in 'chosen'/'rejected' that share the prompt as their start",
+    "hh-rlhf dialogue": "HH-RLHF dialogue strings ('\\n\\nHuman: ...\\n\\nAssistant: ...') in 'chosen'/'rejected'",
+}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, source: str) -> Dataset:
-    """`chosen`/`rejected` conversations (optionally with a `prompt` column) → `chosen_ids`/`rejected_ids`."""
+def pair_shape(dataset: Dataset, source: str) -> str:
+    """Which of `PAIR_SHAPES` the dataset is in, read from its columns' types (and, for text, whether its first row
+    is an HH-RLHF dialogue); every row must then be in that shape: a row that is not is an error, not a guess."""
     missing = [column for column in ("chosen", "rejected") if column not in dataset.column_names]
     if missing:
         raise RecipeError(
             f"{source}: no column {' or '.join(repr(c) for c in missing)} (columns: {dataset.column_names})"
         )
+    if len(dataset) == 0:
+        raise RecipeError(f"{source}: no rows")
+    chosen = dataset.features["chosen"]
+    if not (isinstance(chosen, Value) and chosen.dtype in ("string", "large_string")):
+        return "messages"
+    first = dataset[0]["chosen"] or ""
+    if "\n\nHuman:" in first and "\n\nAssistant:" in first:
+        return "hh-rlhf dialogue"
+    return "text" if "prompt" in dataset.column_names else "implicit text"
+
+
+def _conversations(row: dict, row_number: int, source: str, shape: str) -> tuple[list[dict], list[dict]]:
+    """(chosen, rejected) conversations of one row in `shape`, each its prompt turns then the one assistant turn
+    being compared; both with the same prompt turns. Plain-text prompts are one user turn: the reward model is
+    trained on the rendering it scores in PPO and evaluation (`ModelSource.token_ids`)."""
+    where = f"{source}, row {row_number}"
+    sides = {}
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if shape == "messages":
+            sides[column] = _messages(value, f"{where}, column '{column}'")
+        elif not isinstance(value, str):
+            raise RecipeError(
+                f"{where}, column '{column}': {type(value).__name__}; the file holds {PAIR_SHAPES[shape]}"
+            )
+        elif shape == "hh-rlhf dialogue":
+            sides[column] = _hh_dialogue(value, f"{where}, column '{column}'")
+        else:
+            sides[column] = value
+    prompt = row.get("prompt")
+    if shape == "messages" and isinstance(prompt, list):
+        # A prompt column holding chat turns precedes assistant-only sides (TRL's explicit prompt); a plain-text
+        # one beside whole conversations is ignored, as TRL's `maybe_extract_prompt` ignores it.
+        turns = _messages(prompt, f"{where}, column 'prompt'")
+        sides = {column: turns + messages for column, messages in sides.items()}
+    elif shape == "text":
+        if not isinstance(prompt, str):
+            raise RecipeError(f"{where}, column 'prompt': {type(prompt).__name__}; the file holds {PAIR_SHAPES[shape]}")
+        user = [{"role": "user", "content": prompt}]
+        sides = {column: user + [{"role": "assistant", "content": text}] for column, text in sides.items()}
+    elif shape == "implicit text":
+        prompt, chosen, rejected = _split_common_prompt(sides["chosen"], sides["rejected"])
+        if not prompt:
+            raise RecipeError(
+                f"{where}, columns 'chosen'/'rejected': no shared start to read as the prompt; give a 'prompt' column"
+            )
+        user = [{"role": "user", "content": prompt}]
+        sides = {"chosen": user + [{"role": "assistant", "content": chosen}],
+                 "rejected": user + [{"role": "assistant", "content": rejected}]}  # fmt: skip
+    for column, conversation in sides.items():
+        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
+            raise RecipeError(f"{where}, column '{column}': must end with an assistant turn after the prompt")
+    if sides["chosen"][:-1] != sides["rejected"][:-1]:
+        raise RecipeError(f"{where}, columns 'chosen'/'rejected': different prompt turns (they must share them)")
+    return sides["chosen"], sides["rejected"]
+
+
+def _messages(value, where: str) -> list[dict]:
+    """Chat turns, each with a text `role` and `content`."""
+    if not isinstance(value, list) or not value:
+        raise RecipeError(f"{where}: must be a non-empty list of chat messages ({{role, content}})")
+    for turn, message in enumerate(value, start=1):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise RecipeError(f"{where}: message {turn} is not a {{role, content}} pair of texts: {message!r:.80}")
+    return [{"role": message["role"], "content": message["content"]} for message in value]
+
+
+def _hh_dialogue(text: str, where: str) -> list[dict]:
+    """'\\n\\nHuman: A\\n\\nAssistant: B ...' → [{user: A}, {assistant: B}, ...] (the text between two markers is one
+    turn, stripped of the space after its marker)."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip():
+        raise RecipeError(f"{where}: text before the first '\\n\\nHuman:' turn: {parts[0]!r:.60}")
+    turns = [
+        {"role": HH_ROLES[speaker], "content": content.strip()} for speaker, content in zip(parts[1::2], parts[2::2])
+    ]
+    if not turns or turns[-1]["role"] != "assistant":
+        raise RecipeError(f"{where}: the dialogue must end with an '\\n\\nAssistant:' turn")
+    return turns
+
+
+def _split_common_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen completion, rejected completion) of texts that start alike: the prompt is their common
+    start cut back to a word boundary (TRL's `extract_prompt` cuts at the first differing character, which may split
+    a word), the completions what follows, without the whitespace between."""
+    length = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    boundary = max((match.start() for match in re.finditer(r"\s", chosen[: length + 1])), default=0)
+    return chosen[:boundary].rstrip(), chosen[boundary:].strip(), rejected[boundary:].strip()
+
+
+def tokenize_pairs(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, source: str) -> Dataset:
+    """Pairs in any of `PAIR_SHAPES` → `chosen_ids`/`rejected_ids` (`scored_token_ids` of each conversation).
+    Errors name `source` (the file), the row (counted from 1, as the lines of a .jsonl file) and the column."""
+    shape = pair_shape(dataset, source)
     if not tokenizer.chat_template:
         raise RecipeError("model_name_or_path: the tokenizer has no chat template, so conversations cannot be rendered")
     chosen_ids, rejected_ids = [], []
-    for index, row in enumerate(dataset):
-        chosen, rejected = _conversations(row, index, source)
+    for row_number, row in enumerate(dataset, start=1):
+        chosen, rejected = _conversations(row, row_number, source, shape)
         chosen_ids.append(scored_token_ids(tokenizer, chosen))
         rejected_ids.append(scored_token_ids(tokenizer, rejected))
     return Dataset.from_dict({"chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
@@ -140,7 +225,7 @@ def load_preference_pairs(
     for split, dataset in raw.items():
         if limits[split] is not None:
             dataset = dataset.select(range(min(limits[split], len(dataset))))
-        tokenized = tokenize_pairs(dataset, tokenizer, f"dataset_name '{data_args.dataset_name}' ({split})")
+        tokenized = tokenize_pairs(dataset, tokenizer, _split_source(data_args, split))
         if max_length is not None:
             kept = tokenized.filter(
                 lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= max_length
@@ -155,6 +240,23 @@ def load_preference_pairs(
             )
         splits[split] = tokenized
     return PairSplits(train=splits["train"], eval=splits["eval"], dropped_too_long=dropped)
+
+
+def _split_source(data_args: PreferenceDataArguments, split: str) -> str:
+    """What errors about a split's rows name: the split's own file when the dataset is a folder with one file per
+    split (as the preference builder writes, and as HH-RLHF is published), where rows are numbered as in the file;
+    a local file whose validation share the kit drew (`eval_fraction`), whose rows are numbered in drawn order; or
+    the dataset and its split."""
+    path = Path(data_args.dataset_name)
+    split_name = data_args.dataset_train_split if split == "train" else data_args.dataset_test_split
+    if path.is_dir() and len(list(path.glob(f"{data_args.dataset_test_split}.*"))) == 1:
+        files = list(path.glob(f"{split_name}.*"))
+        if len(files) == 1:
+            return f"dataset_name: {files[0]}"
+    if path.exists():
+        share = "training" if split == "train" else "validation"
+        return f"dataset_name: {path} (its {share} share drawn by eval_fraction; rows counted in drawn order)"
+    return f"dataset_name: '{data_args.dataset_name}' (split '{split_name}')"
 
 
 def load_reward_base(model_args: RewardModelArguments, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -320,7 +422,8 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
     if training.center_rewards or training.normalize_rewards:
         if training.center_rewards_reference:
             reference_pairs = tokenize_pairs(
-                read_preference_file(training.center_rewards_reference), tokenizer, "center_rewards_reference"
+                read_preference_file(training.center_rewards_reference), tokenizer,
+                f"center_rewards_reference: {training.center_rewards_reference}",
             )
         else:
             reference_pairs = pairs.train
