@@ -10,9 +10,11 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from accelerate.commands.launch import launch_command_parser
 
 from recipes.config import parse_recipe
 from recipes.evaluation import parse_eval_config
+from recipes.ppo.checkpoint import complete_checkpoints, read_progress
 from recipes.planner import GIB, PlanRequest, load_hardware, parallelism_from_accelerate, plan_recipe
 from recipes.tiny_models import build_tiny_models
 from reward_models.config import parse_reward_recipe
@@ -219,6 +222,19 @@ def check_script_arguments(script: str, args: list[str]) -> None:
         pytest.fail(f"no parser known for {script}: teach check_script_arguments about it")
 
 
+def check_sbatch_options(options: list[str]) -> None:
+    """sbatch options before the script: a changed preemption lead (`--signal=B:TERM@N`) comes with torchrun's
+    shutdown timeout of N seconds; a launch config passed through --export exists."""
+    values = dict(option.removeprefix("--").split("=", 1) for option in options if "=" in option)
+    exported = dict(item.split("=", 1) for item in values.get("export", "").split(",") if "=" in item)
+    if "signal" in values:
+        lead = re.fullmatch(r"B:TERM@(\d+)", values["signal"])
+        assert lead, f"--signal={values['signal']}: the script traps SIGTERM in the batch shell (B:TERM@seconds)"
+        assert exported.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") == lead.group(1), "torchrun must wait the whole lead"
+    if "ACCELERATE_CONFIG" in exported:
+        assert (REPO_ROOT / exported["ACCELERATE_CONFIG"]).is_file(), f"{exported['ACCELERATE_CONFIG']} does not exist"
+
+
 def check_command(command: str) -> None:
     words = shlex.split(command)
     if words[:1] == ["python"]:
@@ -232,6 +248,7 @@ def check_command(command: str) -> None:
     elif words[:1] == ["sbatch"]:
         script_index = next(i for i, word in enumerate(words) if word.endswith(".sbatch"))
         assert (REPO_ROOT / words[script_index]).is_file(), f"{words[script_index]} does not exist"
+        check_sbatch_options(words[1:script_index])
         recipe, *flags = words[script_index + 1 :]
         check_script_arguments("scripts/ppo.py", ["--config", recipe, *flags])
     else:
@@ -253,23 +270,36 @@ def test_readme_commands_name_existing_files_and_parse(folder):
 # SLURM
 
 
-def test_slurm_script_starts_one_launcher_per_node(tmp_path):
-    """With stand-ins for srun (runs the command once per node with SLURM_NODEID set), scontrol and accelerate (records
-    its arguments): each node gets its rank, the first node's address, the node count and the total process count."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_ins = {
-        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-07\\ngpu-08\\ngpu-09\\n"',
-        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
-                'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@"; done',
-        "accelerate": 'printf "%s\\n" "$*" >> "$LAUNCH_LOG"',
-    }  # fmt: skip
-    for name, body in stand_ins.items():
+def write_stand_ins(bin_dir: Path, bodies: dict[str, str]) -> None:
+    """Executable bash scripts named after the SLURM commands they stand in for."""
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in bodies.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    log = tmp_path / "launches.log"
+
+
+def sbatch_directives(script: Path) -> dict[str, str]:
+    """The script's `#SBATCH --key=value` lines (value '' for a bare flag)."""
+    found = re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script.read_text(), flags=re.M)
+    return {key: value for key, value in found}
+
+
+def test_slurm_script_starts_one_launcher_per_node(tmp_path):
+    """With stand-ins for srun (runs the command once per node with SLURM_NODEID set), scontrol and accelerate (records
+    its arguments): each node gets its rank, the first node's address, the node count and the total process count;
+    torchrun may wait the whole lead time for a checkpoint; a run that ends by itself is not requeued."""
+    bin_dir = tmp_path / "bin"
+    write_stand_ins(bin_dir, {
+        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-07\\ngpu-08\\ngpu-09\\n" || echo "$*" >> "$SCONTROL_LOG"',
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+                'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@"; done',
+        "accelerate": 'printf "%s\\n" "$*" >> "$LAUNCH_LOG"; echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$TIMEOUT_LOG"',
+    })  # fmt: skip
+    log, timeouts, scontrol = tmp_path / "launches.log", tmp_path / "timeouts.log", tmp_path / "scontrol.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LAUNCH_LOG": str(log), "SLURM_NNODES": "3",
-           "SLURM_JOB_NODELIST": "gpu-[07-09]", "SLURM_SUBMIT_DIR": str(REPO_ROOT)}  # fmt: skip
+           "SLURM_JOB_NODELIST": "gpu-[07-09]", "SLURM_SUBMIT_DIR": str(REPO_ROOT), "TIMEOUT_LOG": str(timeouts),
+           "SCONTROL_LOG": str(scontrol), "SLURM_JOB_ID": "4242"}  # fmt: skip
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
     recipe = "configs/qwen2.5-72b/ppo_multinode.yaml"
     result = subprocess.run(["bash", str(SLURM_SCRIPT), recipe, "--learning_rate", "2e-5"], env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -286,6 +316,89 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
         assert launch.training_script == "scripts/ppo.py"
         assert launch.training_script_args == ["--config", recipe, "--learning_rate", "2e-5"]
         parse_recipe(launch.training_script_args)
+
+    directives = sbatch_directives(SLURM_SCRIPT)
+    # SIGTERM to the batch shell alone (B:), which passes it on; the lead time in seconds before the time limit.
+    signal_spec = re.fullmatch(r"B:TERM@(\d+)", directives["signal"])
+    assert signal_spec, directives["signal"]
+    lead = int(signal_spec.group(1))
+    assert "requeue" in directives and directives["open-mode"] == "append"
+    # torchrun waits for its workers as long as the lead time before it kills them (its default is 30 s).
+    assert timeouts.read_text().split() == [str(lead)] * 3
+    assert not scontrol.exists(), "a run that ended by itself was requeued"
+
+
+# The stand-ins of the preemption test. srun starts each node's task in a process group of its own and, once the tasks
+# have exited, kills what is left of the step (as slurmstepd does); scancel --signal signals every process of the step.
+PREEMPTION_STAND_INS = {
+    "scontrol": '[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1 || echo "$*" >> "$SCONTROL_LOG"',
+    "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+            'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node setsid "$@" & echo $! >> "$STEP_PIDS"; done\n'
+            'wait; status=$?\n'
+            'for pid in $(cat "$STEP_PIDS"); do kill -KILL -- -$pid 2>/dev/null; done; exit $status',
+    "scancel": 'echo "$*" >> "$SCANCEL_LOG"; for pid in $(cat "$STEP_PIDS"); do kill -TERM -- -$pid; done',
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launch_config, processes",
+    [("configs/accelerate/multi_cpu.yaml", 2), ("configs/accelerate/cpu.yaml", 1)],
+    ids=["torchrun-2-processes", "one-process"],
+)
+def test_slurm_preemption_checkpoints_requeues_and_the_rerun_resumes(launch_config, processes, tmp_path):
+    """The sbatch script on this machine, around a real `accelerate launch` of the tiny recipe (no periodic
+    checkpoints): SIGTERM to the batch shell, as `--signal=B:TERM@...` sends it, reaches the kit's handler in every
+    process (through scancel, and torchrun when there are two); the run checkpoints, the script requeues the job and
+    exits 0; the requeued job (the same script again) resumes from that checkpoint and finishes."""
+    models = build_tiny_models(tmp_path / "models")
+    prompts = tmp_path / "prompts.jsonl"
+    subjects = ["movie", "book", "concert", "train ride", "dinner", "museum", "hike", "game", "album", "play"]
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about the {s}."}) + "\n" for s in subjects * 2))
+    output_dir = tmp_path / "run"
+    updates = 8
+    bin_dir = tmp_path / "bin"
+    write_stand_ins(bin_dir, PREEMPTION_STAND_INS)
+    logs = {name: tmp_path / f"{name}.log" for name in ("scontrol", "scancel", "step_pids")}
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(REPO_ROOT), "GPUS_PER_NODE": str(processes), "ACCELERATE_CONFIG": launch_config,
+           "MAIN_PORT": str(free_tcp_port()), "SCONTROL_LOG": str(logs["scontrol"]),
+           "SCANCEL_LOG": str(logs["scancel"]), "STEP_PIDS": str(logs["step_pids"]), "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    command = [
+        "bash", str(SLURM_SCRIPT), "configs/tiny/ppo.yaml",
+        "--model_name_or_path", str(models["policy"]), "--reward_model_name_or_path", str(models["reward"]),
+        "--dataset_name", str(prompts), "--output_dir", str(output_dir),
+        "--total_episodes", str(4 * processes * updates), "--save_strategy", "no",
+    ]  # fmt: skip
+    job = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        assert job.poll() is None, job.stdout.read()[-5000:]
+        assert time.time() < deadline, "no update logged in time"
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, output[-5000:]
+    assert "preempted: checkpoint written" in output
+    assert logs["scancel"].read_text().split() == ["--signal=TERM", "4242"]
+    assert logs["scontrol"].read_text().split() == ["requeue", "4242"]
+    checkpoints = complete_checkpoints(output_dir)
+    assert len(checkpoints) == 1
+    stopped_at = read_progress(checkpoints[0])["update"]
+    assert 1 <= stopped_at < updates
+    assert not (output_dir / "adapter_config.json").exists()
+
+    logs["step_pids"].unlink()
+    requeued = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert requeued.returncode == 0, requeued.stderr[-5000:]
+    assert f"resuming after update {stopped_at}" in requeued.stdout + requeued.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+    assert steps == list(range(1, updates + 1))
+    assert (output_dir / "adapter_config.json").is_file()
+    assert logs["scontrol"].read_text().split() == ["requeue", "4242"], "the finished run was requeued again"
 
 
 # ------------------------------------------------------------------------------------------------------------------
