@@ -53,6 +53,25 @@ class DataArguments(ScriptArguments):
 
 
 @dataclass
+class PreferenceDataArguments(ScriptArguments):
+    """Preference pairs (TRL's `ScriptArguments` plus the kit's fields): what a reward model and DPO learn from.
+
+    Rows hold `chosen` and `rejected` conversations (prompt turns + one assistant turn), or a `prompt`
+    conversation beside `chosen`/`rejected` assistant turns: TRL's conversational preference formats."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A folder with train.jsonl/test.jsonl, a .jsonl/.json/.parquet file, or a hub dataset id."},
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of the pairs held out for validation when the dataset has no `dataset_test_split`."},
+    )
+    max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+    max_eval_pairs: int | None = field(default=None, metadata={"help": "Use at most this many validation pairs."})
+
+
+@dataclass
 class ModelArguments(ModelConfig):
     """The policy (TRL's `ModelConfig`: path, dtype, LoRA, 4/8-bit base) plus the reference, value and reward
     models."""

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trl import ModelConfig, RewardConfig, ScriptArguments
+from trl import ModelConfig, RewardConfig
 
-from recipes.config import RecipeParser, resolved_config, save_resolved_config
+from recipes.config import PreferenceDataArguments, RecipeParser, resolved_config, save_resolved_config
 from recipes.devices import apply_cpu_defaults
 from recipes.errors import RecipeError
 
@@ -66,25 +66,6 @@ class PreferenceArguments:
     overwrite_preferences: bool = field(
         default=False, metadata={"help": "Replace the preference files already in `dataset_name`."}
     )
-
-
-@dataclass
-class PreferenceDataArguments(ScriptArguments):
-    """The preference pairs the reward model learns from (TRL's `ScriptArguments` plus the kit's fields).
-
-    Rows hold `chosen` and `rejected` conversations (prompt turns + one assistant turn), or a `prompt`
-    conversation beside `chosen`/`rejected` assistant turns: TRL's conversational preference formats."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A folder with train.jsonl/test.jsonl, a .jsonl/.json/.parquet file, or a hub dataset id."},
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Share of the pairs held out for validation when the dataset has no `dataset_test_split`."},
-    )
-    max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
-    max_eval_pairs: int | None = field(default=None, metadata={"help": "Use at most this many validation pairs."})
 
 
 @dataclass
