@@ -162,3 +162,24 @@ def test_nonfinite_reward_updates_stop_the_run_cleanly(tiny_models, prompt_files
     assert [row["nonfinite/skipped_updates"] for row in metrics] == [1, 2]
     assert complete_checkpoints(output_dir) == []
     assert not (output_dir / "adapter_model.safetensors").exists()
+
+
+def test_evaluation_reads_a_runs_checkpoints(tiny_models, uninterrupted, tmp_path):
+    """scripts/evaluate.py --checkpoints on a run's own checkpoints/update-N folders and its final output: one row
+    per policy in sweep.jsonl, and the reward-vs-KL plot within the run."""
+    _, run_dir = uninterrupted
+    policies = [str(path) for path in complete_checkpoints(run_dir)] + [str(run_dir)]
+    output_dir = tmp_path / "sweep"
+    result = run_python(
+        ["scripts/evaluate.py", "--config", "configs/tiny/eval.yaml", "--checkpoints", *policies,
+         "--reward_models", str(tiny_models["reward"]), "--reward_functions", "length", "--output_dir", str(output_dir)],
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (output_dir / "sweep.jsonl").read_text().splitlines()]
+    assert [row["policy"] for row in rows] == policies
+    assert all(row["num_prompts"] > 0 and "kl/k1/mean" in row and "reward/length/mean" in row for row in rows)
+    assert all("reward/reward/mean" in row for row in rows)  # the reward model, named after its folder
+    # The policies differ (each checkpoint is a later update), so their KL to the reference does too.
+    assert len({round(row["kl/k1/mean"], 6) for row in rows}) > 1
+    assert (output_dir / "reward_vs_kl.png").stat().st_size > 0
