@@ -157,9 +157,9 @@ def load_reference_model(model_args: ModelArguments) -> PreTrainedModel | None:
     return reference.eval().requires_grad_(False)
 
 
-def check_reward_block(model_args: ModelArguments) -> None:
-    """The reward fields fit together: some source, one weight per source, and a value model that can start from
-    what is configured."""
+def check_reward_block(model_args: ModelArguments, with_critic: bool = True) -> None:
+    """The reward fields fit together: some source, one weight per source, and (`with_critic`: PPO's runs) a value
+    model that can start from what is configured."""
     functions = model_args.reward_functions or []
     has_model = bool(model_args.reward_model_name_or_path)
     if not has_model and not functions:
@@ -176,7 +176,7 @@ def check_reward_block(model_args: ModelArguments) -> None:
         )
     if model_args.reward_model_tokenizer == "own" and not has_model:
         raise RecipeError("reward_model_tokenizer: 'own' applies to reward_model_name_or_path, which is not set")
-    if model_args.value_model_init == "reward_model":
+    if with_critic and model_args.value_model_init == "reward_model":
         if not has_model:
             raise RecipeError(
                 "value_model_init: 'reward_model' needs a reward model, and this recipe's reward is functions only; "
@@ -198,10 +198,11 @@ def describe_reward(model_args: ModelArguments) -> str:
     return " + ".join(name if weight == 1 else f"{weight:g} × {name}" for weight, name in zip(weights, names))
 
 
-def load_reward(model_args: ModelArguments) -> RewardSource:
+def load_reward(model_args: ModelArguments, with_critic: bool = True) -> RewardSource:
     """What PPO scores with: the reward model (reading the policy's tokens, or its own tokenizer's rendering of each
-    prompt and completion), the reward functions, or their weighted sum."""
-    check_reward_block(model_args)
+    prompt and completion), the reward functions, or their weighted sum. Methods without a critic (RLOO, GRPO,
+    RAFT) pass `with_critic=False`: `value_model_init` is then not checked against the reward."""
+    check_reward_block(model_args, with_critic)
     has_model = bool(model_args.reward_model_name_or_path)
     parts: list[RewardSource] = []
     if has_model:

@@ -266,7 +266,7 @@ def run_raft(recipe: MethodRecipe) -> Path:
                         state.num_processes, training.seed, tokenizer.pad_token_id)  # fmt: skip
     # LoRA matrices are drawn from the global generator: seeded, a run is reproducible.
     set_seed(training.seed)
-    reward = load_reward(model_args)
+    reward = load_reward(model_args, with_critic=False)
     policy = load_policy_for_training(model_args)
     place(policy, state.device)
     place_reward(reward, state.device)

@@ -389,7 +389,7 @@ def run_online_method(recipe: MethodRecipe, trainer_class) -> Path:
         state.print(f"budget: {GenerationPlan.of(training).describe()}")
     # LoRA matrices are drawn from the global generator: seeded, a run is reproducible.
     set_seed(training.seed)
-    reward = RewardFunction(load_reward(model_args), tokenizer.pad_token_id)
+    reward = RewardFunction(load_reward(model_args, with_critic=False), tokenizer.pad_token_id)
     policy = load_policy(model_args)
     state.print(
         f"models: {describe_policy(model_args, policy)}, reference {reference}, reward {describe_reward(model_args)}"
