@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.utils import gather_object
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from recipes.config import RESOLVED_RECIPE_FILE, DataArguments, ModelArguments, RecipeParser, check_output_dir
 from recipes.config import save_resolved_config
 from recipes.data import PromptBatch, collate_prompts, load_raw_prompts, tokenize_prompts
+from recipes.devices import Shard, process_device, process_state
 from recipes.errors import RecipeError
 from recipes.generation import model_device, response_logprobs, sample_responses, sampling_config
 from recipes.models import load_tokenizer, locate_model, torch_dtype
@@ -66,7 +68,9 @@ class EvalArguments:
         metadata={"help": "A .jsonl/.json/.csv/.parquet file with a `text` column for perplexity. Default: the "
                   "reference's own completions of the held-out prompts (scored given their prompts)."},
     )
-    dtype: str = field(default="float32", metadata={"help": "dtype of the policy and reference (bfloat16 on GPUs)."})
+    dtype: str = field(
+        default="float32", metadata={"help": "dtype of the policy, reference and reward models (bfloat16 on GPUs)."}
+    )
     response_length: int = field(default=48, metadata={"help": "Tokens sampled per completion at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (use the PPO recipe's)."})
     batch_size: int = field(default=16, metadata={"help": "Prompts per generation / scoring batch."})
@@ -112,15 +116,22 @@ def parse_eval_config(args: list[str]) -> tuple[DataArguments, EvalArguments, st
     return data, evaluation, source
 
 
-def load_policy_for_eval(name_or_path: str, dtype: str = "float32") -> PreTrainedModel:
-    """A PPO output folder holding a LoRA adapter (loaded onto its base), a full model folder, or a hub id."""
+def load_policy_for_eval(name_or_path: str, dtype: str = "float32", device=None) -> PreTrainedModel:
+    """A PPO output folder holding a LoRA adapter (loaded onto its base), a full model folder, or a hub id; in
+    `dtype`, on `device` (default: the CPU)."""
+    placement = {"dtype": torch_dtype(dtype), "device_map": _device_map(device)}
     adapter_config = Path(name_or_path) / "adapter_config.json"
     if adapter_config.is_file():
         base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        base = AutoModelForCausalLM.from_pretrained(locate_model(base_name, "base_model_name_or_path"), dtype=torch_dtype(dtype))
+        base = AutoModelForCausalLM.from_pretrained(locate_model(base_name, "base_model_name_or_path"), **placement)
         return PeftModel.from_pretrained(base, name_or_path).eval()
     path = locate_model(name_or_path, "policy_name_or_path")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **placement).eval()
+
+
+def _device_map(device) -> dict | None:
+    """Weights loaded straight onto `device` (no full copy in CPU memory first)."""
+    return {"": torch.device(device)} if device is not None else None
 
 
 def default_reference(policy_name_or_path: str) -> str:
@@ -135,12 +146,15 @@ def default_reference(policy_name_or_path: str) -> str:
     raise RecipeError(f"reference_name_or_path is not set and {policy_name_or_path} does not say its base model")
 
 
-def load_reward_sources(evaluation: EvalArguments) -> list[RewardSource]:
-    """One named source per reward model and function: each is reported on its own."""
+def load_reward_sources(evaluation: EvalArguments, device=None) -> list[RewardSource]:
+    """One named source per reward model and function: each is reported on its own. Reward models in the
+    evaluation's dtype, on `device`."""
     sources = []
     for name in evaluation.reward_models or []:
         path = locate_model(name, "reward_models")
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype(evaluation.dtype), device_map=_device_map(device)
+        ).eval()
         if model.config.num_labels != 1:
             raise RecipeError(f"reward_models: '{name}' has {model.config.num_labels} labels; it needs one")
         sources.append(ModelSource(model, AutoTokenizer.from_pretrained(path), name=Path(name).name))
@@ -170,15 +184,17 @@ def held_out_prompts(data_args: DataArguments, tokenizer, seed: int):
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: PromptBatch, evaluation: EvalArguments, desc: str,
-                       synced_gpus: bool = False) -> Completions:  # fmt: skip
+                       synced_gpus: bool = False, first_batch: int = 0) -> Completions:  # fmt: skip
     """One completion per prompt, sampled as PPO samples its rollouts (temperature alone), `batch_size` prompts per
-    call, seeded with `evaluation.seed` so that a model evaluated twice gives the same completions."""
-    torch.manual_seed(evaluation.seed)
+    call. Batch k of the held-out prompts (`first_batch` is the index of the first given here) is sampled after
+    seeding with `evaluation.seed + k`: a completion depends on the seed and its batch, not on what was sampled
+    before it, so a model evaluated twice, or by several processes sharing the batches, gives the same completions."""
     queries = prompts.input_ids.to(model_device(model))
     config = sampling_config(evaluation.response_length, evaluation.temperature, tokenizer.eos_token_id,
                              tokenizer.pad_token_id)  # fmt: skip
     chunks = []
-    for start in tqdm(range(0, len(queries), evaluation.batch_size), desc=desc, leave=False):
+    for offset, start in enumerate(range(0, len(queries), evaluation.batch_size)):
+        torch.manual_seed(evaluation.seed + first_batch + offset)
         chunk = queries[start : start + evaluation.batch_size]
         chunks.append(sample_responses(model, chunk, config, len(chunk), synced_gpus))
     responses = cut_after_stop(torch.cat(chunks), tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -208,28 +224,37 @@ def kl_per_sequence(policy_logprobs: torch.Tensor, reference_logprobs: torch.Ten
     }
 
 
-@torch.no_grad()
 def perplexity_of_texts(model: PreTrainedModel, tokenizer, texts: list[str], batch_size: int) -> float:
     """exp(mean negative log-likelihood per predicted token) over all texts (each token after a text's first)."""
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(model.device)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        predicted = mask[:, 1:] * mask[:, :-1]
-        total_nll += (nll * predicted).sum().item()
-        total_tokens += int(predicted.sum().item())
+    return perplexity([text_nll(model, tokenizer, texts[start : start + batch_size])
+                       for start in range(0, len(texts), batch_size)])  # fmt: skip
+
+
+@torch.no_grad()
+def text_nll(model: PreTrainedModel, tokenizer, texts: list[str]) -> tuple[float, int]:
+    """(summed negative log-likelihood, predicted tokens) of one batch of texts."""
+    batch = tokenizer(texts, padding=True, return_tensors="pt").to(model_device(model))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    predicted = mask[:, 1:] * mask[:, :-1]
+    return (nll * predicted).double().sum().item(), int(predicted.sum().item())
+
+
+def completion_nll(model, completions: Completions, pad_token_id: int, batch_size: int) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens) of the completions' tokens given their prompts (temperature 1: the
+    model's own distribution)."""
+    logprobs = completion_logprobs(model, completions, pad_token_id, 1.0, batch_size)
+    return -logprobs.double().sum().item(), int(completions.response_mask.sum())
+
+
+def perplexity(parts: list[tuple[float, int]]) -> float:
+    """exp(total negative log-likelihood / total tokens) of (nll, tokens) parts, added in the order given."""
+    total_nll, total_tokens = sum(nll for nll, _ in parts), sum(tokens for _, tokens in parts)
     if total_tokens == 0:
         raise RecipeError("perplexity_texts: no tokens to score")
     return math.exp(total_nll / total_tokens)
-
-
-def perplexity_of_completions(model, completions: Completions, pad_token_id: int, batch_size: int) -> float:
-    """Perplexity of the completions' tokens given their prompts (temperature 1: the model's own distribution)."""
-    logprobs = completion_logprobs(model, completions, pad_token_id, 1.0, batch_size)
-    return math.exp(-logprobs.sum().item() / max(int(completions.response_mask.sum()), 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,12 +281,12 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def text_stats(completions: Completions, prefix: str) -> dict[str, float]:
+def text_stats(texts: list[str], lengths: list[int], ended: list[bool], prefix: str) -> dict[str, float]:
     return {
-        f"{prefix}response_length/mean": sum(completions.lengths) / len(completions.lengths),
-        f"{prefix}eos_rate": sum(completions.ended) / len(completions.ended),
-        f"{prefix}distinct_1": distinct_n(completions.texts, 1),
-        f"{prefix}distinct_2": distinct_n(completions.texts, 2),
+        f"{prefix}response_length/mean": sum(lengths) / len(lengths),
+        f"{prefix}eos_rate": sum(ended) / len(ended),
+        f"{prefix}distinct_1": distinct_n(texts, 1),
+        f"{prefix}distinct_2": distinct_n(texts, 2),
     }
 
 
@@ -278,42 +303,92 @@ def evaluate_policy(
     evaluation: EvalArguments,
     perplexity_texts: list[str] | None = None,
     synced_gpus: bool = False,
+    shard: Shard = Shard(),
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Returns (flat results, one sample row per prompt). `prompts`: the tokenised held-out prompts
-    (`held_out_prompts`). `synced_gpus` when the models' weights are sharded over processes (each then evaluates
-    the same prompts)."""
-    batch = collate_prompts(list(prompts), tokenizer.pad_token_id)
+    (`held_out_prompts`). Each batch of `batch_size` prompts is evaluated on its own (`evaluate_batch`); `shard`
+    shares the batches among processes (`scripts/evaluate.py` under `accelerate launch`). `synced_gpus` when the
+    models' weights are sharded over processes, which then all evaluate every batch (PPO's held-out evaluation)."""
+    # Padded to the widest of all the prompts, so that a batch is the same tensor whichever process samples it.
+    everything = collate_prompts(list(prompts), tokenizer.pad_token_id)
+    starts = range(0, len(everything.prompts), evaluation.batch_size)
+    records = []
+    for k in tqdm(shard.mine(len(starts)), desc="evaluation batches", leave=False, disable=shard.index != 0):
+        rows = slice(starts[k], starts[k] + evaluation.batch_size)
+        batch = PromptBatch(everything.input_ids[rows], everything.prompts[rows],
+                            everything.conversations[rows] if everything.conversations else None)  # fmt: skip
+        records.append(evaluate_batch(k, batch, policy, reference, tokenizer, sources, evaluation, synced_gpus))
+    text_nll_parts = []
+    if perplexity_texts is not None:
+        text_starts = range(0, len(perplexity_texts), evaluation.batch_size)
+        for k in shard.mine(len(text_starts)):
+            texts = perplexity_texts[text_starts[k] : text_starts[k] + evaluation.batch_size]
+            text_nll_parts.append((k, {name: text_nll(model, tokenizer, texts)
+                                       for name, model in (("policy", policy), ("reference", reference))}))  # fmt: skip
+    if shard.count > 1:
+        records, text_nll_parts = gather_object(records), gather_object(text_nll_parts)
+    records.sort(key=lambda record: record["batch"])
+    text_nll_parts.sort(key=lambda part: part[0])
+    return summarise(records, [part for _, part in text_nll_parts] if perplexity_texts is not None else None)
+
+
+def evaluate_batch(index: int, batch: PromptBatch, policy, reference, tokenizer, sources: list[RewardSource],
+                   evaluation: EvalArguments, synced_gpus: bool = False) -> dict[str, Any]:  # fmt: skip
+    """What batch `index` of the held-out prompts contributes, per prompt: both models' completions (text, length,
+    ended), the KL estimates on the policy's completions, each source's scores for both sides; and both models'
+    negative log-likelihood of the reference's completions (for perplexity). Plain values: records travel between
+    processes."""
     pad = tokenizer.pad_token_id
-    policy_out = sample_completions(policy, tokenizer, batch, evaluation, "policy samples", synced_gpus)
-    reference_out = sample_completions(reference, tokenizer, batch, evaluation, "reference samples", synced_gpus)
+    outputs = {
+        "policy": sample_completions(policy, tokenizer, batch, evaluation, "policy samples", synced_gpus, index),
+        "reference": sample_completions(reference, tokenizer, batch, evaluation, "reference samples", synced_gpus,
+                                        index),
+    }  # fmt: skip
+    policy_out = outputs["policy"]
     kl = kl_per_sequence(
         completion_logprobs(policy, policy_out, pad, evaluation.temperature, evaluation.batch_size),
         completion_logprobs(reference, policy_out, pad, evaluation.temperature, evaluation.batch_size),
         policy_out.response_mask,
     )
-    results: dict[str, float] = {"num_prompts": len(batch.prompts)}
+    record = {"batch": index, "prompts": batch.prompts, "kl": {name: values.tolist() for name, values in kl.items()}}
+    for side, model in (("policy", policy), ("reference", reference)):
+        out = outputs[side]
+        episodes = Episodes(batch.prompts, out.texts, batch.conversations, out.query_responses, pad)
+        scores = {}
+        for source in sources:
+            scores.update({name: values.tolist() for name, values in source.score(episodes).by_source.items()})
+        record[side] = {"texts": out.texts, "lengths": out.lengths, "ended": out.ended, "scores": scores,
+                        "nll": completion_nll(model, outputs["reference"], pad, evaluation.batch_size)}  # fmt: skip
+    return record
+
+
+def summarise(records: list[dict[str, Any]], text_nll_parts: list[dict] | None = None
+              ) -> tuple[dict[str, float], list[dict[str, Any]]]:  # fmt: skip
+    """The flat results and sample rows of all batches' records (in batch order). Perplexity is of
+    `text_nll_parts` (per batch of texts, per model) when given, else of the reference's completions."""
+    def joined(side: str, key: str) -> list:
+        return [value for record in records for value in record[side][key]]
+
+    prompts = [prompt for record in records for prompt in record["prompts"]]
+    results: dict[str, float] = {"num_prompts": len(prompts)}
+    kl = {name: torch.tensor([v for record in records for v in record["kl"][name]]) for name in records[0]["kl"]}
     for name, values in kl.items():
         results.update(summary_stats(values, f"kl/{name}"))
-    for name, model in (("policy", policy), ("reference", reference)):
-        results[f"perplexity/{name}"] = (
-            perplexity_of_texts(model, tokenizer, perplexity_texts, evaluation.batch_size)
-            if perplexity_texts is not None
-            else perplexity_of_completions(model, reference_out, pad, evaluation.batch_size)
-        )
-    results.update(text_stats(policy_out, ""))
-    results.update(text_stats(reference_out, "reference/"))
+    for side in ("policy", "reference"):
+        parts = ([part[side] for part in text_nll_parts] if text_nll_parts is not None
+                 else [record[side]["nll"] for record in records])  # fmt: skip
+        results[f"perplexity/{side}"] = perplexity(parts)
+    for side, prefix in (("policy", ""), ("reference", "reference/")):
+        results.update(text_stats(joined(side, "texts"), joined(side, "lengths"), joined(side, "ended"), prefix))
 
     samples = [
         {"prompt": p, "policy": pc, "reference": rc, "kl_k1": k}
-        for p, pc, rc, k in zip(batch.prompts, policy_out.texts, reference_out.texts, kl["k1"].tolist())
+        for p, pc, rc, k in zip(prompts, joined("policy", "texts"), joined("reference", "texts"), kl["k1"].tolist())
     ]
-    scores = {"policy": {}, "reference": {}}
-    for side, out in (("policy", policy_out), ("reference", reference_out)):
-        episodes = Episodes(batch.prompts, out.texts, batch.conversations, out.query_responses, pad)
-        for source in sources:
-            scores[side].update(source.score(episodes).by_source)
-    for name in scores["policy"]:
-        policy_scores, reference_scores = scores["policy"][name].double(), scores["reference"][name].double()
+    for name in records[0]["policy"]["scores"]:
+        policy_scores = torch.tensor([v for r in records for v in r["policy"]["scores"][name]], dtype=torch.float64)
+        reference_scores = torch.tensor([v for r in records for v in r["reference"]["scores"][name]],
+                                        dtype=torch.float64)  # fmt: skip
         results.update(summary_stats(policy_scores, f"reward/{name}"))
         results.update(summary_stats(reference_scores, f"reference/reward/{name}"))
         results[f"win_rate/{name}"] = win_rate(policy_scores, reference_scores)
@@ -375,28 +450,42 @@ class HeldOutEvaluation:
 
 
 def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: str | None) -> Path:
-    """Evaluates one policy (or each of `checkpoints`) and writes the results; returns the output folder."""
+    """Evaluates one policy (or each of `checkpoints`) and writes the results; returns the output folder. Under
+    `accelerate launch` the processes share the held-out prompts (`Shard`), each with its own copy of the models on
+    its device (a GPU when there is one), and the main process writes the results."""
+    state = process_state()
     policies = evaluation.checkpoints or ([evaluation.policy_name_or_path] if evaluation.policy_name_or_path else [])
     if not policies:
         raise RecipeError("policy_name_or_path is not set (or give checkpoints)")
     output_dir = check_output_dir(evaluation.output_dir, evaluation.overwrite_output_dir)
     reference_name = evaluation.reference_name_or_path or default_reference(policies[0])
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=_tokenizer_source(policies[0], reference_name)))
-    sources = load_reward_sources(evaluation)
+    device = process_device(state)
+    sources = load_reward_sources(evaluation, device)
     prompts = held_out_prompts(data_args, tokenizer, evaluation.seed)
     perplexity_texts = _load_texts(evaluation.perplexity_texts) if evaluation.perplexity_texts else None
-    reference_path = locate_model(reference_name, "reference_name_or_path")
-    reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch_dtype(evaluation.dtype)).eval()
+    reference = AutoModelForCausalLM.from_pretrained(
+        locate_model(reference_name, "reference_name_or_path"),
+        dtype=torch_dtype(evaluation.dtype),
+        device_map=_device_map(device),
+    ).eval()
+    shard = Shard.of(state)
+    # Every process has checked the input before the main one writes into the output folder.
+    state.wait_for_everyone()
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config((data_args, evaluation), source, output_dir / "eval.yaml")
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_config((data_args, evaluation), source, output_dir / "eval.yaml")
     rows = []
     for policy_name in policies:
-        policy = load_policy_for_eval(policy_name, evaluation.dtype)
-        results, samples = evaluate_policy(policy, reference, tokenizer, prompts, sources, evaluation, perplexity_texts)
+        policy = load_policy_for_eval(policy_name, evaluation.dtype, device)
+        results, samples = evaluate_policy(policy, reference, tokenizer, prompts, sources, evaluation, perplexity_texts,
+                                           shard=shard)  # fmt: skip
         rows.append({"policy": policy_name, **results})
-        print(format_summary(policy_name, results, source_names(sources)))
-    _write_results(output_dir, rows, samples, evaluation, source_names(sources))
+        state.print(format_summary(policy_name, results, source_names(sources)))
+    if state.is_main_process:
+        _write_results(output_dir, rows, samples, evaluation, source_names(sources))
+    state.wait_for_everyone()
     return output_dir
 
 

@@ -14,17 +14,20 @@ with the gold scores beside the conversations:
 
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from recipes.config import DataArguments, ModelArguments
 from recipes.data import collate_prompts, load_raw_prompts, tokenize_prompts
+from recipes.devices import Shard, process_device, process_state
 from recipes.errors import RecipeError
 from recipes.generation import model_device, sample_responses, sampling_config
 from recipes.models import load_policy, load_tokenizer
@@ -65,8 +68,11 @@ class PreferenceSummary:
 
 def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     """Samples, scores and writes the pairs of every split to `recipe.data.dataset_name` (a folder). Deterministic
-    for `sampling_seed` and `generation_batch_size` on one machine."""
+    for `sampling_seed` and `generation_batch_size`, whatever the number of processes: under `accelerate launch` the
+    processes share the batches of prompts, each with its own copy of the policy on its device (a GPU when there is
+    one), and the main process scores and writes the pairs."""
     started = time.monotonic()
+    state = process_state()
     args = recipe.preferences
     if args.completions_per_prompt < 2:
         raise RecipeError(f"completions_per_prompt: {args.completions_per_prompt}; a pair needs at least 2")
@@ -86,19 +92,27 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
             f"(columns: {splits['train'].column_names})"
         )
     limits = {"train": args.max_train_prompts, "eval": args.max_test_prompts}
-    policy = load_policy(policy_args).eval()
+    policy = load_policy(policy_args).to(process_device(state)).eval()
+    # Every process has checked the input before the main one writes into the output folder.
+    state.wait_for_everyone()
 
-    torch.manual_seed(args.sampling_seed)
     summaries = {}
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    first_batch = 0
     for split, dataset in splits.items():
         if limits[split] is not None:
             dataset = dataset.select(range(min(limits[split], len(dataset))))
         prompts, _ = tokenize_prompts(dataset, prompt_args, tokenizer)
         completions, truncated = sample_completions(
             policy, tokenizer, prompts, args.completions_per_prompt, args.temperature, args.max_new_tokens,
-            args.generation_batch_size, SPLIT_NAMES[split],
-        )
+            args.generation_batch_size, SPLIT_NAMES[split], seed=args.sampling_seed, first_batch=first_batch,
+            shard=Shard.of(state),
+        )  # fmt: skip
+        # Batches are numbered across the splits: each split's completions come from seeds of their own.
+        first_batch += math.ceil(len(prompts) / args.generation_batch_size)
+        if not state.is_main_process:
+            continue
         rows = preference_rows(list(prompts["prompt"]), completions, gold, args.min_score_gap)
         write_jsonl(output_dir / SPLIT_FILES[split], rows)
         gaps = [row["chosen_score"] - row["rejected_score"] for row in rows]
@@ -109,6 +123,7 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
             truncated=truncated,
             mean_gap=sum(gaps) / max(len(gaps), 1),
         )
+    state.wait_for_everyone()
     return PreferenceSummary(output_dir=output_dir, splits=summaries, seconds=time.monotonic() - started)
 
 
@@ -138,24 +153,33 @@ def sample_completions(
     max_new_tokens: int,
     batch_size: int,
     desc: str = "sampling",
+    seed: int = 0,
+    first_batch: int = 0,
+    shard: Shard = Shard(),
 ) -> tuple[list[list[str]], int]:
     """Returns (for each prompt its `completions_per_prompt` completions as text, how many of them were cut at
     `max_new_tokens`). `prompts`: tokenised prompts (`recipes.data.tokenize_prompts`), sampled with the shared
-    sampler as PPO samples its rollouts (the temperature alone), `batch_size` prompts per call."""
+    sampler as PPO samples its rollouts (the temperature alone), `batch_size` prompts per call. Batch k (counted
+    from `first_batch`) is sampled after seeding with `seed + k`, by the process `shard` gives it to; every process
+    returns all the completions."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = sampling_config(max_new_tokens, temperature, eos_id, pad_id)
-    completions, truncated = [], 0
-    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{desc} completions", unit="batch"):
-        batch = collate_prompts([prompts[i] for i in range(start, min(start + batch_size, len(prompts)))], pad_id)
+    starts = range(0, len(prompts), batch_size)
+    sampled = []
+    for k in tqdm(shard.mine(len(starts)), desc=f"{desc} completions", unit="batch", disable=shard.index != 0):
+        batch = collate_prompts([prompts[i] for i in range(starts[k], min(starts[k] + batch_size, len(prompts)))],
+                                pad_id)  # fmt: skip
         # A prompt's completions side by side: prompt i's are rows i·k … i·k + k − 1.
         queries = batch.input_ids.repeat_interleave(completions_per_prompt, 0).to(model_device(policy))
+        torch.manual_seed(seed + first_batch + k)
         responses = cut_after_stop(sample_responses(policy, queries, config, len(queries)), eos_id, pad_id)
-        truncated += int((~(responses == eos_id).any(dim=1)).sum())
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        completions.extend(
-            texts[i : i + completions_per_prompt] for i in range(0, len(texts), completions_per_prompt)
-        )
-    return completions, truncated
+        groups = [texts[i : i + completions_per_prompt] for i in range(0, len(texts), completions_per_prompt)]
+        sampled.append((k, groups, int((~(responses == eos_id).any(dim=1)).sum())))
+    if shard.count > 1:
+        sampled = gather_object(sampled)
+    sampled.sort(key=lambda part: part[0])
+    return [group for _, groups, _ in sampled for group in groups], sum(cut for _, _, cut in sampled)
 
 
 def preference_rows(

@@ -8,6 +8,7 @@ Without --config it runs the default recipe, configs/smollm2-135m/reward.yaml (C
 
 import sys
 
+from recipes.devices import process_state
 from recipes.errors import run_cli
 from reward_models import DEFAULT_REWARD_RECIPE
 from reward_models.config import parse_reward_recipe
@@ -16,7 +17,7 @@ from reward_models.preferences import build_preferences
 
 def main() -> None:
     recipe = parse_reward_recipe(sys.argv[1:], default_config=DEFAULT_REWARD_RECIPE)
-    print(build_preferences(recipe).describe())
+    process_state().print(build_preferences(recipe).describe())
 
 
 if __name__ == "__main__":
