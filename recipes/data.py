@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from recipes.config import DataArguments
 from recipes.errors import RecipeError
-from recipes.model_cache import hub_reachable
+from recipes.hub import load_hub_dataset
 
 # File endings `datasets` reads, and the loader name for each.
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -42,15 +42,15 @@ def load_raw_prompts(data_args: DataArguments, seed: int) -> DatasetDict:
     path = Path(name)
     if path.suffix in FILE_FORMATS and not path.is_file():
         raise RecipeError(f"dataset_name: data file not found: {name}")
-    if not path.exists() and not hub_reachable():
-        raise RecipeError(f"dataset_name: '{name}' is neither a local file or folder nor reachable on the hub")
     try:
         if path.is_file():
             if path.suffix not in FILE_FORMATS:
                 raise RecipeError(f"dataset_name: {name} is not a .jsonl, .json, .parquet or .csv file")
             loaded = load_dataset(FILE_FORMATS[path.suffix], data_files=str(path))
-        else:
+        elif path.is_dir():
             loaded = load_dataset(name, name=data_args.dataset_config)
+        else:
+            loaded = load_hub_dataset(name, data_args.dataset_config)
     except RecipeError:
         raise
     except Exception as error:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ArrowInvalid)

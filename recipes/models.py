@@ -1,7 +1,6 @@
 """Loading the tokenizer and the four PPO models (policy, reference, value, reward) as a recipe describes them."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -18,16 +17,10 @@ from trl import get_peft_config
 
 from recipes.config import ModelArguments
 from recipes.errors import RecipeError
-from recipes.model_cache import OFFLINE_MODELS, hub_reachable, resolve_model_path
+from recipes.hub import locate_model
 from recipes.padding import unused_special_token
 from recipes.ppo.model import ValueHead
 from recipes.rewards.sources import FunctionSource, ModelSource, RewardSource, WeightedSum
-
-# Models the kit itself makes, by path prefix, and the command that makes them.
-KIT_MADE_MODELS = {
-    "outputs/smollm2-135m/reward_model": "make reward-model",
-    "outputs/tiny/models": "python scripts/make_tiny_models.py",
-}
 
 
 @dataclass
@@ -80,30 +73,8 @@ def policy_quantization(model_args: ModelArguments) -> str:
     return "4bit" if model_args.load_in_4bit else "8bit" if model_args.load_in_8bit else "none"
 
 
-def locate_model(name_or_path: str, key: str) -> str:
-    """What to pass to `from_pretrained` for the recipe field `key`: a local folder, the prepared offline copy of
-    a hub id, or the hub id itself when the hub answers. Fails at once, naming the command that makes the model,
-    instead of letting the hub client retry for minutes on a machine without network."""
-    resolved = resolve_model_path(name_or_path)
-    if Path(resolved).expanduser().is_dir():
-        return resolved
-    if _looks_like_path(name_or_path):
-        maker = next((cmd for prefix, cmd in KIT_MADE_MODELS.items() if name_or_path.startswith(prefix)), None)
-        hint = f"; make it with `{maker}`" if maker else ""
-        raise RecipeError(f"{key}: model folder not found: {name_or_path}{hint}")
-    if not hub_reachable():
-        hint = "run `python scripts/prepare_model.py`" if name_or_path in OFFLINE_MODELS else "use a local folder"
-        raise RecipeError(f"{key}: '{name_or_path}' has no offline copy here and the hub is unreachable; {hint}")
-    return resolved
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `name` or `org/name`; anything else is meant as a local path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name.split("/")[0]).is_dir()
-
-
 def _from_pretrained(auto_class, name_or_path: str, key: str, **kwargs) -> PreTrainedModel:
-    return auto_class.from_pretrained(locate_model(name_or_path, key), **kwargs)
+    return auto_class.from_pretrained(locate_model(name_or_path, key, kwargs.get("revision")), **kwargs)
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
@@ -112,7 +83,7 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
     EOS token out of the loss and the reward."""
     if not model_args.model_name_or_path:
         raise RecipeError("model_name_or_path is not set: name the policy's folder or hub id")
-    path = locate_model(model_args.model_name_or_path, "model_name_or_path")
+    path = locate_model(model_args.model_name_or_path, "model_name_or_path", model_args.model_revision)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", revision=model_args.model_revision)
     if model_args.pad_token is not None:
         if model_args.pad_token not in tokenizer.get_vocab():

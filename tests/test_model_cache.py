@@ -13,6 +13,7 @@ from recipes.model_cache import (
     CACHE_ENV_VAR,
     MARKER_FILE,
     MODEL_CACHE_DIR,
+    offline_copy,
     prepare_offline_model,
     resolve_model_path,
 )
@@ -70,6 +71,15 @@ def test_explicit_cache_root_argument(tmp_path, cache_root):
 def test_incomplete_copy_not_used(cache_root):
     _fake_copy(cache_root, SMOL, complete=False)
     assert resolve_model_path(SMOL) == SMOL
+
+
+def test_offline_copy_only_when_complete(cache_root):
+    assert offline_copy(SMOL) is None
+    folder = _fake_copy(cache_root, SMOL, complete=False)
+    assert offline_copy(SMOL) is None
+    (folder / MARKER_FILE).write_text(json.dumps({"hub_id": SMOL}))
+    assert offline_copy(SMOL) == folder
+    assert offline_copy("../escape") is None
 
 
 def test_prepare_is_idempotent_without_download(cache_root, monkeypatch):
