@@ -6,19 +6,15 @@ In W&B the per-update metrics are named as TRL's trainers name them (`train/obje
 """
 
 import json
-import netrc
 import os
-import socket
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import TrainerCallback
 
-DEFAULT_WANDB_URL = "https://api.wandb.ai"
 GIB = 2**30
 
 
@@ -113,49 +109,45 @@ def current_wandb_run_id() -> str | None:
     return wandb.run.id if wandb is not None and wandb.run is not None else None
 
 
-def wandb_mode() -> tuple[str, str]:
-    """('online' or 'offline', why). An explicit WANDB_MODE wins; without an API key, or when the W&B server
-    does not answer within a few seconds, the run logs offline instead of failing or hanging."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"], "WANDB_MODE is set"
-    url = os.environ.get("WANDB_BASE_URL", DEFAULT_WANDB_URL)
-    host = urlparse(url).hostname or ""
-    if not (os.environ.get("WANDB_API_KEY") or _netrc_has(host)):
-        return "offline", "no W&B API key (WANDB_API_KEY or `wandb login`)"
-    try:
-        socket.create_connection((host, urlparse(url).port or 443), timeout=3).close()
-    except OSError:
-        return "offline", f"{host} is not reachable"
-    return "online", "API key found and server reachable"
-
-
-def _netrc_has(host: str) -> bool:
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
 def start_wandb_run(
     project: str, run_name: str | None, tags: list[str] | None, config: dict, run_id: str | None = None
 ) -> None:
-    """Starts the W&B run with the resolved recipe as its config (main process only). With `run_id`, continues
-    that run."""
+    """Starts the W&B run with the resolved recipe as its config (main process only); with `run_id`, continues that
+    run. The wandb client decides whether W&B can be reached, and a run never fails or hangs for lack of it:
+    - WANDB_MODE, when set, is passed through untouched;
+    - without credentials (`wandb.login` finds no WANDB_API_KEY, `wandb login` netrc entry or identity token) the run
+      logs offline, instead of the client prompting for a key or refusing;
+    - with credentials the client starts an online run through its own proxy settings (HTTPS_PROXY, or the
+      `https_proxy` setting) and its own init timeout (WANDB_INIT_TIMEOUT, 90 s by default); if it fails, the run
+      logs offline."""
     import wandb
 
-    mode, why = wandb_mode()
-    os.environ["WANDB_MODE"] = mode
-    if mode == "offline":
-        print(f"W&B: logging offline ({why}); upload later with `wandb sync wandb/offline-run-*`")
-    wandb.init(project=project, name=run_name, tags=tags, config=config, mode=mode, id=run_id,
-               resume="allow" if run_id else None)  # fmt: skip
+    run = {"project": project, "name": run_name, "tags": tags, "config": config, "id": run_id,
+           "resume": "allow" if run_id else None}  # fmt: skip
+    if os.environ.get("WANDB_MODE"):
+        wandb.init(**run)
+        return
+    if not wandb.login(prompt=False, verify=False):
+        _log_offline(wandb, run, "no W&B API key (WANDB_API_KEY or `wandb login`)")
+        return
+    try:
+        wandb.init(mode="online", **run)
+    except (wandb.Error, TimeoutError) as error:  # TimeoutError: the client overran its own init timeout
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _log_offline(wandb, run, f"the wandb client could not start an online run: {reason}")
+
+
+def _log_offline(wandb, run: dict, why: str) -> None:
+    # Later W&B runs of this process (an evaluation after training) go offline at once instead of asking again.
+    os.environ["WANDB_MODE"] = "offline"
+    print(f"W&B: logging offline ({why}); upload later with `wandb sync wandb/offline-run-*`", flush=True)
+    wandb.init(mode="offline", **run)
 
 
 def finish_wandb_run() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
-
 
 
 class MetricsFileCallback(TrainerCallback):
