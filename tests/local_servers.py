@@ -3,8 +3,8 @@
 FakeHub stands in for the Hugging Face Hub (a test sets HF_ENDPOINT to its url). It serves model and dataset
 repositories from local folders with the parts of the hub's HTTP interface that huggingface_hub's downloads use
 (`[/datasets]/{repo}/resolve/{revision}/{file}`, `/api/{models,datasets}/{repo}[/revision/{revision}]`,
-`/api/{models,datasets}/{repo}/tree/{revision}[/{path}]`) and answers anything else with a 404 carrying the hub's
-error headers.
+`/api/{models,datasets}/{repo}/tree/{revision}[/{path}][?recursive=true]`): enough for transformers' and datasets'
+downloads and `hf download`. Anything else gets a 404 carrying the hub's error headers.
 
 RecordingProxy stands in for an HTTP(S) proxy (a test sets HTTPS_PROXY to its url). It forwards nothing: it records
 the first line of each request (`CONNECT host:443 HTTP/1.1`) and answers 502, as a proxy that cannot reach the

@@ -27,6 +27,8 @@ from wandb_records import history_rows, read_wandb_records
 from recipes import REPO_ROOT
 from recipes.model_cache import MARKER_FILE
 
+pytestmark = pytest.mark.slow  # every case starts Python processes (the location cases take about a second each)
+
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QWEN = "Qwen/Qwen2.5-0.5B-Instruct"
 ULTRAFEEDBACK = "HuggingFaceH4/ultrafeedback_binarized"
@@ -313,7 +315,6 @@ def ultrafeedback_like(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_docs_offline_nodes_with_a_filled_hf_cache(tiny_models, ultrafeedback_like, tmp_path):
     assert documented_commands("Offline nodes with a filled HF cache") == [
         f"hf download {QWEN}",
@@ -338,7 +339,6 @@ def test_docs_offline_nodes_with_a_filled_hf_cache(tiny_models, ultrafeedback_li
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.mark.slow
 def test_docs_hub_mirrors(tiny_models, ultrafeedback_like, tmp_path):
     mirror = "https://hf-mirror.example.org"
     assert documented_commands("Hub mirrors (HF_ENDPOINT)") == [
@@ -364,7 +364,6 @@ def test_docs_hub_mirrors(tiny_models, ultrafeedback_like, tmp_path):
     assert json.loads(result.stdout.splitlines()[-1]) == {"train": sorted(PROMPTS[:9]), "eval": sorted(PROMPTS[9:])}
 
 
-@pytest.mark.slow
 def test_docs_proxies(tiny_models, ultrafeedback_like, tmp_path):
     """The hub check and W&B both go through HTTPS_PROXY. This proxy reaches nothing (502): the models and data come
     from the HF cache, and the wandb client, holding an API key, gives up after its init timeout (5 s here) and the
@@ -397,7 +396,6 @@ def test_docs_proxies(tiny_models, ultrafeedback_like, tmp_path):
     assert seconds < 600
 
 
-@pytest.mark.slow
 def test_docs_the_offline_copy_of_smollm2(tiny_models, tmp_path):
     """RECIPES_OFFLINE_COPY=1 takes the prepared copy although the hub (a FakeHub serving SmolLM2's id) answers. The
     copy here is a stand-in prepared by hand (the tiny policy with the marker file), so nothing is downloaded."""
