@@ -221,14 +221,14 @@ def sample_round(policy, tokenizer, batch: PromptBatch, reward: RewardSource, co
 
 
 def round_metrics(shares: list[RoundSamples], episodes: int) -> dict[str, float]:
-    """A round's figures over every process's share."""
+    """A round's figures over every process's share (at least one completion kept)."""
     scores = [s for share in shares for s in share.scores]
     best = [s for share in shares for s in share.best_scores]
     ended = [e for share in shares for e in share.ended]
     metrics = {
         "episodes": episodes,
         "reward/mean": sum(scores) / len(scores),
-        "reward/best_mean": sum(best) / len(best) if best else float("nan"),
+        "reward/best_mean": sum(best) / len(best),
         "selected": len(best),
         "eos_rate": sum(ended) / len(ended),
     }
