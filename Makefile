@@ -51,10 +51,11 @@ demo: model
 	$(MAKE) ppo
 	$(MAKE) evaluate
 
-# The standard PPO workload, the kit's default recipe beside TRL's `--use_peft` example configuration (not a test):
-# writes bench/results.json and bench/RESULTS.md. Trains the default reward model first if it is absent.
+# The standard PPO workload, the kit's default recipe beside TRL 1.12's own PPOTrainer in its `--use_peft` example
+# configuration (its own environment, trl112-env below) (not a test): writes bench/results.json and bench/RESULTS.md.
+# Trains the default reward model first if it is absent.
 BENCH_FLAGS ?=
-bench: model
+bench: model trl112-env
 	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
 	$(BIN)/python bench/ppo_bench.py $(BENCH_FLAGS)
 

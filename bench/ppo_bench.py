@@ -1,5 +1,5 @@
-"""Benchmark (not a test): the standard PPO workload, the kit's default recipe beside the configuration TRL's example
-script gives with `--use_peft`, speed and quality in the same run.
+"""Benchmark (not a test): the standard PPO workload, the kit's default recipe beside TRL 1.12's own PPOTrainer
+configured as TRL's example script configures it with `--use_peft`, speed and quality in the same run.
 
     make bench        # = python bench/ppo_bench.py; writes bench/results.json and bench/RESULTS.md
 
@@ -7,11 +7,14 @@ The workload: SmolLM2-135M-Instruct (offline copy) as policy and reference, the 
 default proxy reward model (configs/smollm2-135m/reward.yaml; `make bench` trains it first if absent), 16 episodes
 per update in 2 mini-batches, 48-token responses, 4 PPO epochs, seed 42, `--updates` updates (default 12).
 
-Each configuration is one run of scripts/ppo.py (accelerate, configs/accelerate/cpu.yaml) in its own process, then
-scripts/evaluate.py on the 100 held-out prompts (policy after PPO against its reference = before). From the run's
-metrics.jsonl: seconds per update split into generation, scoring and optimisation (min and median over updates),
-episodes/s, sampled tokens/s and the process's peak RSS. FLOPs of each phase are counted from the model's shapes
-(`phase_flops`) and divided by the phase's median time; this machine's matmul peak is measured in the same run.
+The kit's configurations are runs of scripts/ppo.py (accelerate, configs/accelerate/cpu.yaml), each in its own
+process. TRL's is bench/trl112/ppo_baseline.py in TRL 1.12's environment (`make trl112-env`: trl 1.13 removed the
+trainer): LoRA policy whose adapter disabled is the reference, a full-size critic and the reward model both from the
+reward model's folder, reading the policy's tokens, fp32. Every policy is then evaluated by the kit's
+scripts/evaluate.py on the 100 held-out prompts (against its reference = before). Per update: seconds split into
+generation, scoring and optimisation (min and median over updates), episodes/s and peak memory (the kit's per-phase
+high-water marks; TRL's process peak RSS). FLOPs of each phase are counted from the models' shapes (`phase_flops`)
+and divided by the phase's median time; this machine's matmul peak is measured in the same run.
 """
 
 import argparse
@@ -51,21 +54,19 @@ class Configuration:
     dtype: str
     value_model: bool
     """A separate critic network (forwarded in scoring, trained in full) rather than a head on the policy."""
+    trl112: bool = False
+    """TRL 1.12's PPOTrainer (bench/trl112/ppo_baseline.py in its own environment) rather than the kit's engine."""
 
 
 CONFIGURATIONS = [
     Configuration("kit", "kit default recipe (configs/smollm2-135m/ppo.yaml)", [], "bfloat16", False),
     # The same in fp32: whether bf16 changes the learning curve beyond noise.
     Configuration("kit_fp32", "kit default recipe in fp32", ["--dtype", "float32"], "float32", False),
-    # TRL's example with --use_peft: LoRA policy whose adapter disabled is the reference, a full-size critic from
-    # the reward model trained in full, fp32. The example also sets gradient_checkpointing, which TRL's PPOTrainer
-    # never applies (transformers' Trainer does, in the train() TRL replaces), so it is off here as it is there.
-    Configuration(
-        "trl_use_peft", "TRL example `--use_peft` configuration",
-        ["--value_model_init", "reward_model", "--reward_model_tokenizer", "policy", "--dtype", "float32"], "float32",
-        True,
-    ),  # fmt: skip
+    # TRL 1.12's own trainer, as TRL's example script sets it up with --use_peft (bench/trl112/ppo_baseline.py).
+    Configuration("trl112_use_peft", "TRL 1.12 PPOTrainer, example `--use_peft` configuration", [], "float32", True,
+                  trl112=True),  # fmt: skip
 ]
+TRL112_PYTHON = KIT_ROOT / ".venv-trl112" / "bin" / "python"
 
 
 # -- this machine's matmul peak ---------------------------------------------------------------------------------
@@ -143,13 +144,23 @@ def benchmark(config: Configuration, workdir: Path, updates: int) -> dict:
     run_dir = workdir / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"{config.name}: PPO, {updates} updates ...", flush=True)
-    ppo_seconds = run(
-        [python, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml", "scripts/ppo.py",
-         "--config", RECIPE, *WORKLOAD, "--total_episodes", str(EPISODES * updates), "--output_dir", str(run_dir / "ppo"),
-         "--overwrite_output_dir", "true", *config.flags],
-        run_dir / "ppo.log",
-    )  # fmt: skip
-    metrics = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
+    if config.trl112:
+        ppo_seconds = run(
+            [str(TRL112_PYTHON), "bench/trl112/ppo_baseline.py", "--updates", str(updates), "--reward_model_path",
+             REWARD_MODEL, "--output", str(run_dir / "baseline.json"), "--output_dir", str(run_dir / "ppo"),
+             "--overwrite_output_dir", "true"],
+            run_dir / "ppo.log",
+        )  # fmt: skip
+        updates_run = trl112_updates(json.loads((run_dir / "baseline.json").read_text()))
+    else:
+        ppo_seconds = run(
+            [python, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml",
+             "scripts/ppo.py", "--config", RECIPE, *WORKLOAD, "--total_episodes", str(EPISODES * updates),
+             "--output_dir", str(run_dir / "ppo"), "--overwrite_output_dir", "true", *config.flags],
+            run_dir / "ppo.log",
+        )  # fmt: skip
+        metrics = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
+        updates_run = kit_updates(metrics)
     print(f"{config.name}: evaluation ...", flush=True)
     run(
         [python, "scripts/evaluate.py", "--config", EVAL_RECIPE, "--policy_name_or_path", str(run_dir / "ppo"),
@@ -160,26 +171,56 @@ def benchmark(config: Configuration, workdir: Path, updates: int) -> dict:
     quality = json.loads((run_dir / "eval" / "eval_results.json").read_text())
     phases = {}
     for phase in ("generation", "scoring", "optimisation"):
-        seconds = [m[f"time/{phase}_s"] for m in metrics]
+        seconds = [u[phase] for u in updates_run]
         phases[phase] = {"min_s": min(seconds), "median_s": statistics.median(seconds)}
-    per_update = [sum(m[f"time/{p}_s"] for p in phases) for m in metrics]
-    sampled = statistics.median(m["rollout/sampled_positions"] for m in metrics)
+    per_update = [sum(u[p] for p in phases) for u in updates_run]
+    sampled = statistics.median(u["sampled_positions"] for u in updates_run if u["sampled_positions"])
     prompt_width = round(sampled / EPISODES) - RESPONSE if sampled / EPISODES > RESPONSE else 0
     return {
         "label": config.label,
         "flags": config.flags,
         "dtype": config.dtype,
-        "updates": len(metrics),
+        "updates": len(updates_run),
         "wall_seconds_ppo": ppo_seconds,
         "seconds_per_update": {"min": min(per_update), "median": statistics.median(per_update)},
         "phases": phases,
         "episodes_per_second": EPISODES / statistics.median(per_update),
         "sampled_tokens_per_second": sampled / phases["generation"]["median_s"],
-        "peak_rss_gib": max(m["memory/peak_rss_gib"] for m in metrics),
+        "peak_memory_gib": max(u["peak_memory_gib"] for u in updates_run),
         "prompt_width_median": prompt_width,
-        "curve": {key: [m[key] for m in metrics] for key in ("objective/scores", "objective/kl", "objective/rlhf_reward")},
+        "curve": {key: [u["metrics"][key] for u in updates_run] for key in CURVE},
         "quality": {k: v for k, v in quality.items() if isinstance(v, (int, float))},
     }
+
+
+CURVE = ("objective/scores", "objective/kl", "objective/rlhf_reward")
+
+
+def kit_updates(metrics: list[dict]) -> list[dict]:
+    """Per update of a kit run: phase seconds, peak memory (the highest of its phases), positions sampled, metrics."""
+    return [
+        {
+            "generation": m["time/generation_s"], "scoring": m["time/scoring_s"], "optimisation": m["time/optimisation_s"],
+            "peak_memory_gib": m["memory/peak_gib"], "sampled_positions": m["rollout/sampled_positions"], "metrics": m,
+        }  # fmt: skip
+        for m in metrics
+    ]
+
+
+def trl112_updates(baseline: dict) -> list[dict]:
+    """The same figures from bench/trl112/ppo_baseline.py's JSON. TRL's sample table (a debug print of greedy
+    completions, which the kit's recipes turn off) is left out of the seconds, so that both sides do the same work;
+    its seconds are kept in the JSON. Sampled positions: TRL does not report them; one generate call over all the
+    update's episodes runs every row until the last one ends or the length is reached, counted here as the full
+    length (an upper bound: rows seldom end within 48 tokens on this task)."""
+    return [
+        {
+            "generation": u["generation_s"], "scoring": u["scoring_s"], "optimisation": u["optimisation_s"],
+            "peak_memory_gib": u["peak_rss_gib"], "sampled_positions": EPISODES * RESPONSE,
+            "metrics": u["trl_metrics"],
+        }  # fmt: skip
+        for u in baseline["updates"]
+    ]
 
 
 def add_flops(result: dict, config: Configuration, policy: Architecture, critic: Architecture, peaks: dict) -> None:
@@ -194,7 +235,7 @@ def add_flops(result: dict, config: Configuration, policy: Architecture, critic:
 
 
 def markdown(results: dict) -> str:
-    kit, trl = results["configurations"]["kit"], results["configurations"]["trl_use_peft"]
+    kit, trl = results["configurations"]["kit"], results["configurations"]["trl112_use_peft"]
     peaks = results["matmul_peak_gflop_per_s"]
 
     def row(name, get, fmt="{:.2f}", ratio=True):
@@ -205,7 +246,7 @@ def markdown(results: dict) -> str:
 
     q = lambda key: lambda r: r["quality"][key]  # noqa: E731
     lines = [
-        "# Benchmark: the kit's default recipe against TRL's `--use_peft` example configuration",
+        "# Benchmark: the kit's default recipe against TRL 1.12's PPOTrainer in its `--use_peft` example configuration",
         "",
         f"Measured by `make bench` on {results['machine']} ({results['date']}). Workload: SmolLM2-135M-Instruct, "
         f"the default sentiment task and proxy reward model, {EPISODES} episodes per update in {MINI_BATCHES} "
@@ -214,7 +255,7 @@ def markdown(results: dict) -> str:
         f"Matmul peak of this machine, measured in the same run: fp32 {peaks['float32']:.0f} GFLOP/s, "
         f"bf16 {peaks['bfloat16']:.0f} GFLOP/s.",
         "",
-        f"| | kit ({kit['dtype']}) | TRL `--use_peft` ({trl['dtype']}) | kit / TRL |",
+        f"| | kit ({kit['dtype']}) | TRL 1.12 `--use_peft` ({trl['dtype']}) | kit / TRL |",
         "|---|---|---|---|",
         row("episodes/s", lambda r: r["episodes_per_second"], "{:.3f}"),
         row("seconds per update, min", lambda r: r["seconds_per_update"]["min"], "{:.1f}"),
@@ -229,7 +270,7 @@ def markdown(results: dict) -> str:
                      f"({b['of_peak']:.0%}) | |")
     lines += [
         row("sampled tokens/s", lambda r: r["sampled_tokens_per_second"], "{:.0f}"),
-        row("peak RSS, GiB", lambda r: r["peak_rss_gib"], "{:.2f}"),
+        row("peak memory (resident), GiB", lambda r: r["peak_memory_gib"], "{:.2f}"),
     ]
     for key, name in [
         ("reward/sentiment/mean", "gold reward (VADER) after"),
@@ -253,7 +294,7 @@ def markdown(results: dict) -> str:
             "|---|---|---|",
             f"| seconds per update, median | {kit['seconds_per_update']['median']:.1f} | "
             f"{fp32['seconds_per_update']['median']:.1f} |",
-            f"| peak RSS, GiB | {kit['peak_rss_gib']:.2f} | {fp32['peak_rss_gib']:.2f} |",
+            f"| peak memory (resident), GiB | {kit['peak_memory_gib']:.2f} | {fp32['peak_memory_gib']:.2f} |",
         ]
         for key, name in [("objective/scores", "proxy score of the rollouts"), ("objective/kl", "KL of the rollouts")]:
             for label, part in (("first 4 updates", slice(0, 4)), ("last 4 updates", slice(-4, None))):
@@ -273,6 +314,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (KIT_ROOT / REWARD_MODEL / "config.json").is_file():
         sys.exit(f"{REWARD_MODEL} is missing: run `make reward-model` (make bench does)")
+    if not TRL112_PYTHON.is_file() and (not args.only or "trl112_use_peft" in args.only):
+        sys.exit(f"{TRL112_PYTHON} is missing: run `make trl112-env` (make bench does)")
     workdir = KIT_ROOT / args.workdir
     peaks = {name: matmul_peak(getattr(torch, name)) for name in ("float32", "bfloat16")}
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items()), flush=True)
