@@ -152,7 +152,8 @@ def test_malformed_row_names_file_row_and_column(case, tokenizer, tmp_path):
     path = broken_copy(DATA / name, tmp_path / Path(name).parent, row_number, change)
     with pytest.raises(RecipeError) as error:
         tokenize_pairs(Dataset.from_json(str(path)), tokenizer, f"dataset_name: {path}")
-    assert f"dataset_name: {path}, row {row_number}, column{'s' if '/' in column else ''} '{column}'" in str(error.value)
+    columns = "columns" if "/" in column else "column"
+    assert f"dataset_name: {path}, row {row_number}, {columns} '{column}'" in str(error.value)
     assert message in str(error.value)
 
 

@@ -290,7 +290,8 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
     torchrun may wait the whole lead time for a checkpoint; a run that ends by itself is not requeued."""
     bin_dir = tmp_path / "bin"
     write_stand_ins(bin_dir, {
-        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-07\\ngpu-08\\ngpu-09\\n" || echo "$*" >> "$SCONTROL_LOG"',
+        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-07\\ngpu-08\\ngpu-09\\n" '
+                    '|| echo "$*" >> "$SCONTROL_LOG"',
         "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
                 'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@"; done',
         "accelerate": 'printf "%s\\n" "$*" >> "$LAUNCH_LOG"; echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$TIMEOUT_LOG"',
@@ -328,12 +329,68 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
     assert not scontrol.exists(), "a run that ended by itself was requeued"
 
 
+# A stand-in sbatch: runs the script at once, as SLURM would on the allocation (--nodes, --export), and records the
+# --signal it was asked for.
+SBATCH_STAND_IN = r"""
+export PATH="$(dirname "$0"):$PATH"
+nodes=1; signal=""; exports=()
+while [[ "$1" == --* ]]; do
+  case "$1" in
+    --nodes) nodes=$2; shift 2;;
+    --nodes=*) nodes=${1#--nodes=}; shift;;
+    --signal=*) signal=${1#--signal=}; shift;;
+    --export=*) IFS=, read -ra exports <<< "${1#--export=}"; shift;;
+    *) echo "stand-in sbatch: unknown option $1" >&2; exit 2;;
+  esac
+done
+echo "$signal" >> "$SIGNAL_LOG"
+for item in "${exports[@]}"; do [[ "$item" == *=* ]] && export "$item"; done
+SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu-[01-0$nodes]" SLURM_JOB_ID=4242 exec bash "$@"
+"""
+
+
+def test_docs_slurm_preemption_commands(tmp_path):
+    """docs/cluster.md, "SLURM preemption": each documented sbatch command, run through the stand-in sbatch with the
+    stand-ins of srun, scontrol and accelerate: one launch per node, and each launcher's torchrun waits as long as the
+    lead time SLURM is asked for (the script's own, or the one given on the command line)."""
+    from test_hub import documented_commands, run_documented
+
+    commands = documented_commands("SLURM preemption")
+    assert len(commands) == 2 and all(command.startswith("sbatch ") for command in commands)
+    bin_dir = tmp_path / "bin"
+    write_stand_ins(bin_dir, {
+        "sbatch": SBATCH_STAND_IN,
+        "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-01\\ngpu-02\\n" || echo "$*" >> "$SCONTROL_LOG"',
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
+                'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@"; done',
+        "accelerate": 'printf "%s\\n" "$*" >> "$LAUNCH_LOG"; echo "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$TIMEOUT_LOG"',
+    })  # fmt: skip
+    logs = {name: tmp_path / f"{name}.log" for name in ("launch", "timeout", "signal", "scontrol")}
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+                "LAUNCH_LOG": str(logs["launch"]), "TIMEOUT_LOG": str(logs["timeout"]),
+                "SIGNAL_LOG": str(logs["signal"]), "SCONTROL_LOG": str(logs["scontrol"])})  # fmt: skip
+    run_documented("SLURM preemption", env, stand_ins={}, ppo_flags=[])
+    default_lead = sbatch_directives(SLURM_SCRIPT)["signal"].removeprefix("B:TERM@")
+    leads = [signal.removeprefix("B:TERM@") or default_lead for signal in logs["signal"].read_text().splitlines()]
+    assert leads == [default_lead, "900"]
+    lines = logs["launch"].read_text().splitlines()
+    launches = [launch_command_parser().parse_args(shlex.split(line)[1:]) for line in lines]
+    assert [(launch.machine_rank, launch.num_machines) for launch in launches] == [(0, 2), (1, 2)] * 2
+    for launch in launches:
+        parse_recipe(launch.training_script_args)
+    assert logs["timeout"].read_text().split() == [leads[0]] * 2 + [leads[1]] * 2
+    assert not logs["scontrol"].exists()
+
+
 # The stand-ins of the preemption test. srun starts each node's task in a process group of its own and, once the tasks
 # have exited, kills what is left of the step (as slurmstepd does); scancel --signal signals every process of the step.
 PREEMPTION_STAND_INS = {
     "scontrol": '[ "$1 $2" = "show hostnames" ] && echo 127.0.0.1 || echo "$*" >> "$SCONTROL_LOG"',
     "srun": 'while [[ "$1" == --* ]]; do shift; done\n'
-            'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node setsid "$@" & echo $! >> "$STEP_PIDS"; done\n'
+            'for ((node = 0; node < SLURM_NNODES; node++)); do\n'
+            '  SLURM_NODEID=$node setsid "$@" & echo $! >> "$STEP_PIDS"\n'
+            'done\n'
             'wait; status=$?\n'
             'for pid in $(cat "$STEP_PIDS"); do kill -KILL -- -$pid 2>/dev/null; done; exit $status',
     "scancel": 'echo "$*" >> "$SCANCEL_LOG"; for pid in $(cat "$STEP_PIDS"); do kill -TERM -- -$pid; done',
@@ -364,7 +421,8 @@ def test_slurm_preemption_checkpoints_requeues_and_the_rerun_resumes(launch_conf
            "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(REPO_ROOT), "GPUS_PER_NODE": str(processes), "ACCELERATE_CONFIG": launch_config,
            "MAIN_PORT": str(free_tcp_port()), "SCONTROL_LOG": str(logs["scontrol"]),
-           "SCANCEL_LOG": str(logs["scancel"]), "STEP_PIDS": str(logs["step_pids"]), "OMP_NUM_THREADS": "1"}  # fmt: skip
+           "SCANCEL_LOG": str(logs["scancel"]), "STEP_PIDS": str(logs["step_pids"]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
     command = [
         "bash", str(SLURM_SCRIPT), "configs/tiny/ppo.yaml",
