@@ -3,26 +3,33 @@ hardware the recipe declares, with the cheapest changes that make it fit when it
 
     python scripts/plan.py --config configs/<model>/ppo.yaml [--accelerate_config ...] [--hardware ...]
 
-What TRL 1.12's PPOTrainer holds on each device, and how this module counts it:
+What the kit's engine (recipes/ppo/trainer.py) holds on each device, and how this module counts it:
 
-- Weights of the four models (policy; reference, none when the LoRA policy with its adapter disabled is the
-  reference; value; reward) at their dtype: 4-bit nf4 linears take 0.5 byte per parameter plus one fp32 absmax per
-  64-value block, 8-bit linears 1 byte plus one fp32 scale per output row; embeddings, norms, biases and heads stay
-  at the recipe's dtype. LoRA adapters are fp32 (peft upcasts bf16/fp16 adapters).
-- Trainable parameters (LoRA: r × (in + out) per targeted linear per layer; or the whole model), their gradients and
-  AdamW's two moments at the parameters' dtype (torch's AdamW); under DeepSpeed an fp32 master copy and fp32 moments
-  (12 bytes per parameter) and bf16 gradients, as in the ZeRO paper.
-- Sharding over the processes: ZeRO-2 shards optimizer states and gradients; ZeRO-3 also every model's weights
-  (TRL hands the reward and reference models to DeepSpeed too); FSDP shards the weights, gradients and optimizer
-  states of the policy and value models only (TRL moves the reward and reference models to every device whole).
-- Three phases per update, each on top of what is held all run:
-  generation (KV cache; the sampled tokens' fp32 logits, [local batch, response, vocab], which TRL keeps for the whole
-  update, so the previous update's copy is still alive while the next is built; under ZeRO-3 the gathered policy and
-  value weights when `ds3_gather_for_generation`), scoring (forwards of reference, value and reward models in chunks
-  of `local_rollout_forward_batch_size`, with `output_hidden_states=True`), and the training step (activations of
-  the policy and value models for one micro-batch of min(per_device_train_batch_size, local mini-batch) sequences of
-  max_prompt_length + response_length tokens, the policy's logits, the gradients).
-- A runtime constant: the CUDA context and libraries on a GPU, the Python/torch/transformers/TRL process on a CPU.
+- Held all run: the weights of the models (policy with its LoRA adapters and, by default, a value head on its trunk;
+  a separate reference only when the LoRA policy with its adapter disabled is not the reference; a separate critic
+  only when `value_model_init` is not `policy_trunk`; the reward model) at their dtype: 4-bit nf4 linears take 0.5
+  byte per parameter plus one fp32 absmax per 64-value block, 8-bit linears 1 byte plus one fp32 scale per output
+  row; embeddings, norms, biases and heads stay at the recipe's dtype. LoRA adapters are fp32 (peft upcasts them).
+  AdamW's two moments per trainable parameter at its dtype (torch's AdamW); under DeepSpeed an fp32 master copy and
+  fp32 moments (12 bytes per parameter), plus its gradient bucket. The process's runtime (CUDA context on a GPU; the
+  Python process with torch, transformers and the kit imported on a CPU).
+- Sharding over the processes: ZeRO-2 shards optimizer states and gradients; ZeRO-3 also every model's weights (the
+  frozen reference and reward models go through DeepSpeed's inference engine); FSDP shards the trained module (policy
+  and critic, frozen base weights included) only, the reference and reward models sit whole on every device.
+- The phases of an update, named as the run logs them (`memory/<phase>_peak_gib`, recipes/tracking.py), each counted
+  at its largest moment on top of what is held all run:
+  generation (the KV cache of `local_rollout_forward_batch_size` sequences; nothing of the sampler's logits is
+  kept), scoring (the policy's logits at the response positions, still referenced while the reference's are computed,
+  and the fp32 log-softmax of one of them; log-probs come from the same forward as training's), optimisation (one
+  micro-batch: the activations autograd saves for the backward pass, the policy's fp32 logits at the response
+  positions, the gradients, the copy of the trainable state that lets a non-finite update be undone) and, when the
+  recipe evaluates during the run, evaluation (sampling and one model's log-probs at `per_device_eval_batch_size`).
+- On a CPU the resident set is what is measured, and two things of the runtime show in it: glibc's allocator keeps
+  memory a phase frees for reuse (only single allocations above its mmap threshold go back to the system), so after
+  the first update every phase starts from the largest heap any phase used; and torch's CPU matmul in 16 bits, given
+  the sliced hidden states the LM head reads (`logits_to_keep`), copies the LM head's weight once per sequence.
+
+bench/plan_vs_measured.py compares these figures with the peaks a CPU run logs; docs/memory.md has the table.
 """
 
 import dataclasses
@@ -47,24 +54,38 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # --- Constants of the estimate (each one an assumption, stated) ---------------------------------------------------
 GPU_RUNTIME_GIB = 0.8
-"""CUDA context, cuBLAS/cuDNN workspaces and loaded kernels of one process: 0.5–1 GiB on current GPUs."""
+"""CUDA context, cuBLAS/cuDNN workspaces and loaded kernels of one process: 0.5–1 GiB on current GPUs (outside what
+`torch.cuda.max_memory_allocated` counts, which the run logs)."""
 COLLECTIVES_GIB = 0.5
 """NCCL communicators and their buffers, once a process group of more than one GPU exists."""
-CPU_RUNTIME_GIB = 0.50
-"""Resident memory of a CPU process that has imported what a run imports (torch, transformers, TRL, datasets, the
-kit): 0.50 GiB, the peak RSS bench/plan_vs_measured.py's import-only child reports on the kit's machine."""
+CPU_RUNTIME_GIB = 0.56
+"""What a CPU run's process holds besides its models and their work: the imports (torch, transformers, peft,
+accelerate, DeepSpeed when installed, datasets, the kit: 0.47 GiB, bench/plan_vs_measured.py's import-only child),
+the tokenizer and the prompts, and what the first forward leaves (torch's thread pool, oneDNN's kernels). Measured as
+the tiny recipe's peak on one process less the planner's model terms for it (bench/plan_vs_measured.py --workload
+tiny --launches cpu: 0.56 GiB)."""
 HEADROOM = 0.10
 """Share of device memory left free: allocator fragmentation on a GPU, page-cache and RSS noise on a CPU."""
 TRAINING_LOGITS_COPIES = 3
-"""[micro-batch, sequence, vocab] tensors alive around the PPO loss step: the policy's logits, the log-softmax (and
-the entropy's softmax) computed from them, and their gradient."""
-GENERATION_LOGITS_COPIES = 2
-"""[local batch, response, vocab] fp32 tensors alive when TRL's `batch_generation` returns: the per-chunk list and
-the padded stack built from it (the kit drops both at once; log-probs come from a forward)."""
+"""[micro-batch, response, vocab] fp32 tensors alive at once around the loss: the temperature-scaled logits (kept
+for the backward pass of the log-softmax), the entropy's softmax and its product with the logits (no gradient); in
+the backward pass, the log-softmax's and the gather's gradients beside the kept logits."""
+SCORING_FP32_COPIES = 2
+"""[chunk, response, vocab] fp32 tensors alive while one model's log-probs are read: the temperature-scaled copy of
+its logits and log-sum-exp's exponentials."""
 QUANT_BLOCK = 64
 """bitsandbytes 4-bit block size: one fp32 absmax per 64 values."""
 DEEPSPEED_OPTIMIZER_BYTES = 12
-"""fp32 master weight + two fp32 AdamW moments per trainable parameter under DeepSpeed with bf16."""
+"""fp32 master weight + two fp32 AdamW moments per trainable parameter under DeepSpeed (ZeRO keeps an fp32 copy of
+its partition even when the module is fp32)."""
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+"""DeepSpeed's default `reduce_bucket_size` (elements), which the kit's launch configs leave unset: ZeRO-2 and ZeRO-3
+allocate a gradient bucket this large (in the gradients' dtype) on each device; on a CPU only the part gradients
+are written into becomes resident."""
+MMAP_THRESHOLD_MAX = 32 * 2**20
+"""glibc's largest mmap threshold (64-bit): once a freed large block has raised the threshold, only single
+allocations above 32 MiB are mapped, and given back to the system when freed; smaller ones come from the heap,
+which keeps freed memory for reuse."""
 
 # --- Time-per-update constants ----------------------------------------------------------------------------------
 GPU_SPECS = {
@@ -205,11 +226,44 @@ class Architecture:
         per_layer = sum(r * (shapes[name][0] + shapes[name][1]) + dora * shapes[name][1] for name in target_modules)
         return self.num_layers * per_layer
 
-    def activation_elements_per_token(self) -> int:
-        """Values one decoder layer keeps for the backward pass, per token, with SDPA attention (no [seq, seq] score
-        matrix): the two norm inputs and outputs (4h), q, k, v, rotated q and k and the attention output
-        (3·q_dim + 3·kv_dim), and the MLP's gate, up, activation and product (4i)."""
-        return 4 * self.hidden_size + 3 * self.q_dim + 3 * self.kv_dim + 4 * self.intermediate_size
+    def saved_bytes_per_token(self, act_bytes: int, seq: int, trained: str, lora_targets=(), lora_r: int = 0,
+                              adapter_copy_bytes: int = 0) -> int:
+        """Bytes autograd keeps for the backward pass per token of one decoder layer (what
+        `torch.autograd.graph.saved_tensors_hooks` sees; tests/test_planner.py checks it against a real forward).
+        `trained`: 'full' (every weight) or 'lora' (frozen base, adapters on `lora_targets` of rank `lora_r`).
+        `adapter_copy_bytes`: 0 when the adapters compute in the base's dtype and read its tensors; otherwise each
+        adapter keeps its own copy of its input at this many bytes per value (fp32 adapters on a 16-bit or quantized
+        base: 4, peft's cast; 2 under 16-bit autocast, autocast's cast back).
+
+        Every layer keeps: the fp32 inputs of its two RMSNorms (they compute in fp32); for SDPA, q, k and v (k and v
+        repeated to every query head: the padding mask keeps transformers off SDPA's grouped-query path), its output
+        and an fp32 log-sum-exp per head, and the float mask it is given ([seq] per token); SwiGLU's gate, SiLU(gate)
+        and up. A frozen linear keeps nothing (its weight is a parameter); a trained one keeps its input: in full
+        fine-tuning the inputs of q/k/v, gate/up and down_proj (o_proj reads SDPA's output) and the norms' outputs
+        before their weights; with LoRA the adapters' inputs (shared per input, or one copy per adapter) and
+        lora_A's [r] outputs."""
+        h, i, q, b = self.hidden_size, self.intermediate_size, self.q_dim, act_bytes
+        size = 2 * h * 4 + 4 * q * b + self.num_heads * 4 + seq * b + 3 * i * b
+        if trained == "full":
+            return size + 2 * h * b + (2 * h + i) * b
+        shapes = self.linear_shapes()
+        if adapter_copy_bytes:
+            size += sum(shapes[name][0] for name in lora_targets) * adapter_copy_bytes
+        else:
+            inputs = ((("q_proj", "k_proj", "v_proj"), h), (("gate_proj", "up_proj"), h), (("down_proj",), i))
+            size += sum(width for names, width in inputs if set(names) & set(lora_targets)) * b
+        return size + len(lora_targets) * lora_r * (adapter_copy_bytes or b)
+
+    def trunk_saved_bytes_per_token(self, act_bytes: int, seq: int, trained: str, lora_targets=(), lora_r: int = 0,
+                                    adapter_copy_bytes: int = 0, checkpointing: bool = False) -> int:
+        """`saved_bytes_per_token` over every layer, plus the final norm's fp32 input; with a frozen base the first
+        layer's first norm keeps nothing (nothing before it is trained). With activation checkpointing each layer
+        keeps its input and one layer at a time recomputes the rest."""
+        per_layer = self.saved_bytes_per_token(act_bytes, seq, trained, lora_targets, lora_r, adapter_copy_bytes)
+        first_norm = 0 if trained == "full" else self.hidden_size * 4
+        if checkpointing:
+            return self.num_layers * self.hidden_size * act_bytes + per_layer + self.hidden_size * 4
+        return self.num_layers * per_layer - first_norm + self.hidden_size * 4
 
     def largest_unit_params(self) -> int:
         """The largest block ZeRO-3/FSDP gathers at once: a decoder layer, the embedding or the LM head."""
@@ -407,6 +461,8 @@ class ModelMemory:
     """Bytes per trainable parameter (and per gradient and AdamW moment with torch's AdamW)."""
     extra_params: int = 0
     """Parameters added to the base model (LoRA adapters, the value head's trainable copy)."""
+    lora_targets: tuple[str, ...] = ()
+    lora_r: int = 0
     sharded: bool = False
 
     @property
@@ -459,6 +515,7 @@ def recipe_models(recipe: Recipe) -> list[ModelMemory]:
                          policy_quantization(args), lora if args.use_peft else "full")  # fmt: skip
     if args.use_peft:
         policy.trainable_params = policy.extra_params = policy_arch.lora_params(targets, args.lora_r, args.use_dora)
+        policy.lora_targets, policy.lora_r = tuple(targets), args.lora_r
     else:
         policy.trainable_params, policy.trainable_bytes = policy.params, DTYPE_BYTES[dtype]
     models = [policy]
@@ -487,6 +544,7 @@ def recipe_models(recipe: Recipe) -> list[ModelMemory]:
             value.trainable = f"{lora} + score head"
             value.extra_params = value_arch.lora_params(targets, args.lora_r, args.use_dora) + value_arch.hidden_size
             value.trainable_params = value.extra_params
+            value.lora_targets, value.lora_r = tuple(targets), args.lora_r
         else:
             value.trainable_params, value.trainable_bytes = value.params, DTYPE_BYTES[dtype]
         models.append(value)
@@ -501,22 +559,49 @@ def recipe_models(recipe: Recipe) -> list[ModelMemory]:
 # The plan
 
 
+@dataclass(frozen=True)
+class Item:
+    """`size` bytes one device holds for one reason, allocated in pieces of at most `piece` bytes (0: many small
+    ones). On a CPU the piece size decides whether freeing it gives the memory back (`MMAP_THRESHOLD_MAX`)."""
+
+    label: str
+    size: int
+    piece: int = 0
+
+    @property
+    def returned_when_freed(self) -> bool:
+        return self.piece > MMAP_THRESHOLD_MAX
+
+
 @dataclass
 class MemoryPlan:
-    """Bytes per device: `static` items are held all run; each phase adds its own items on top."""
+    """Bytes per device: `static` items are held all run; each phase adds its own items on top (on a CPU, also the
+    heap another phase left behind: `kept_bytes`)."""
 
     models: list[ModelMemory]
     parallel: Parallelism
-    static: list[tuple[str, int]] = field(default_factory=list)
-    phases: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    static: list[Item] = field(default_factory=list)
+    phases: dict[str, list[Item]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
     def static_bytes(self) -> int:
-        return sum(size for _, size in self.static)
+        return sum(item.size for item in self.static)
+
+    def heap_bytes(self, phase: str) -> int:
+        """What `phase` allocates in pieces the allocator keeps once freed."""
+        return sum(item.size for item in self.phases[phase] if not item.returned_when_freed)
+
+    def kept_bytes(self, phase: str) -> int:
+        """On a CPU: heap another phase freed and the allocator kept, beyond what `phase` reuses of it. After the
+        first update every phase starts from the largest heap of any phase. Zero on a GPU (the caching allocator
+        reuses freed blocks; `max_memory_allocated` counts live tensors)."""
+        if self.parallel.device != "cpu":
+            return 0
+        return max(self.heap_bytes(other) for other in self.phases) - self.heap_bytes(phase)
 
     def phase_bytes(self, phase: str) -> int:
-        return self.static_bytes + sum(size for _, size in self.phases[phase])
+        return self.static_bytes + self.kept_bytes(phase) + sum(item.size for item in self.phases[phase])
 
     @property
     def peak_phase(self) -> str:
@@ -543,13 +628,16 @@ class MemoryPlan:
         trainable = sum(m.trainable_params for m in self.models)
         lines.append(f"  trainable: {_millions(trainable)} parameters")
         lines += ["", "held all run:"]
-        lines += [f"  {label:<64} {_gib(size):>10}" for label, size in self.static]
-        lines.append(f"  {'total':<64} {_gib(self.static_bytes):>10}")
+        lines += [f"  {item.label:<72} {_gib(item.size):>10}" for item in self.static]
+        lines.append(f"  {'total':<72} {_gib(self.static_bytes):>10}")
         for phase, items in self.phases.items():
             lines += ["", f"{phase} (on top):"]
-            lines += [f"  {label:<64} {_gib(size):>10}" for label, size in items]
+            lines += [f"  {item.label:<72} {_gib(item.size):>10}" for item in items]
+            if self.kept_bytes(phase):
+                label = "heap freed by another phase, kept by the allocator"
+                lines.append(f"  {label:<72} {_gib(self.kept_bytes(phase)):>10}")
             peak = _gib(self.phase_bytes(phase))
-            lines.append(f"  {'peak of this phase (with what is held all run)':<64} {peak:>10}")
+            lines.append(f"  {'peak of this phase (with what is held all run)':<72} {peak:>10}")
         lines += ["", f"peak per device: {_gib(self.peak_bytes)} ({self.peak_phase})"]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -569,7 +657,7 @@ def sequence_length(recipe: Recipe) -> int:
 
 
 def activation_bytes_per_value(recipe: Recipe, dtype: str) -> int:
-    """bf16/fp16 models, or bf16/fp16 autocast, keep 2-byte activations; fp32 without autocast 4."""
+    """bf16/fp16 models, or bf16/fp16 autocast, keep 2-byte activations and logits; fp32 without autocast 4."""
     training = recipe.training
     return 2 if DTYPE_BYTES[dtype] == 2 or training.bf16 or training.fp16 else 4
 
@@ -580,14 +668,16 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     training = recipe.training
     policy = models[0]
     trained = [m for m in models if m.role in ("policy", "value")]  # no value model: a head on the policy's trunk
-    dtype = policy.dtype
-    act_bytes = activation_bytes_per_value(recipe, dtype)
-    strategy, shards = parallel.strategy, parallel.shard_group
+    act_bytes = activation_bytes_per_value(recipe, policy.dtype)
+    strategy, shards, cpu = parallel.strategy, parallel.shard_group, parallel.device == "cpu"
     deepspeed = strategy in ("zero2", "zero3")
+    # DeepSpeed casts the trained module (adapters and value head too) to the launch's 16-bit precision.
+    deepspeed_16bit = deepspeed and bool(training.bf16 or training.fp16)
+    autocast = bool(training.bf16 or training.fp16) and not deepspeed
     for model in models:
         model.sharded = strategy == "zero3" or (strategy == "fsdp" and model.role in ("policy", "value"))
-        if deepspeed and model.trainable != "frozen":
-            model.trainable_bytes = 2  # DeepSpeed runs the module in bf16; fp32 copies live in the optimizer
+        if deepspeed_16bit and model.trainable != "frozen":
+            model.trainable_bytes = 2
 
     plan = MemoryPlan(models=models, parallel=parallel)
     for model in models:
@@ -595,7 +685,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         label = f"{model.role} weights"
         if model.sharded:
             size, label = math.ceil(size / shards), f"{label} (1/{shards})"
-        plan.static.append((label, size))
+        plan.static.append(Item(label, size))
 
     trainable = [m for m in models if m.trainable != "frozen"]
     optimizer_sharded = strategy in ("zero2", "zero3", "fsdp")
@@ -606,16 +696,24 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         label = f"{model.role} AdamW states ({per_param} B/param)"
         if optimizer_sharded:
             size, label = math.ceil(size / shards), f"{label} (1/{shards})"
-        plan.static.append((label, size))
+        plan.static.append(Item(label, size))
+    trainable_params = sum(m.trainable_params for m in trainable)
     gradient_bytes = sum(m.trainable_params * m.trainable_bytes for m in trainable)
     if strategy == "ddp":
-        plan.static.append(("DDP gradient buckets", gradient_bytes))
-    if parallel.device == "gpu":
-        plan.static.append(("CUDA context and libraries", int(GPU_RUNTIME_GIB * GIB)))
-        if parallel.processes > 1:
-            plan.static.append(("NCCL buffers", int(COLLECTIVES_GIB * GIB)))
+        plan.static.append(Item("DDP gradient buckets", gradient_bytes))
+    if deepspeed:
+        bucket_bytes = 2 if deepspeed_16bit else max(m.trainable_bytes for m in trainable)
+        elements = min(DEEPSPEED_REDUCE_BUCKET, trainable_params) if cpu else DEEPSPEED_REDUCE_BUCKET
+        written = ", the part written" if cpu else ""
+        plan.static.append(Item(f"DeepSpeed gradient bucket ({DEEPSPEED_REDUCE_BUCKET:.0e} elements{written})",
+                                elements * bucket_bytes))  # fmt: skip
+    if cpu:
+        runtime = int(CPU_RUNTIME_GIB * GIB)
+        plan.static.append(Item("Python process: imports, tokenizer, prompts, kernels (CPU_RUNTIME_GIB)", runtime))
     else:
-        plan.static.append(("Python, torch, transformers, TRL process", int(CPU_RUNTIME_GIB * GIB)))
+        plan.static.append(Item("CUDA context and libraries", int(GPU_RUNTIME_GIB * GIB)))
+        if parallel.processes > 1:
+            plan.static.append(Item("NCCL buffers", int(COLLECTIVES_GIB * GIB)))
 
     local_batch = training.per_device_train_batch_size * training.gradient_accumulation_steps
     local_mini_batch = max(local_batch // training.num_mini_batches, 1)
@@ -623,72 +721,113 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     chunk = min(training.local_rollout_forward_batch_size, local_batch)
     seq, response = sequence_length(recipe), training.response_length
     arch = policy.architecture
-    sampled_logits = local_batch * response * arch.vocab_size * 4
+    vocab = arch.vocab_size
+
+    def logits(rows: int, what: str, positions: int = response + 1, bytes_per_value: int = act_bytes,
+               copies: int = 1) -> Item:  # fmt: skip
+        shape = f"[{rows}, {positions}, {vocab}]"
+        size = rows * positions * vocab * bytes_per_value
+        dtype = "fp32" if bytes_per_value == 4 else "16-bit"
+        return Item(f"{what}, {dtype}{f' ×{copies}' if copies > 1 else ''} {shape}", copies * size, size)
+
+    def lm_head_copies(rows: int) -> list[Item]:
+        """torch's CPU matmul in 16 bits over the sliced [rows, positions, hidden] input the LM head gets from
+        `logits_to_keep` falls back to a batched matmul that copies the weight once per row."""
+        if not cpu or act_bytes != 2:
+            return []
+        size = rows * vocab * arch.hidden_size * 2
+        return [Item(f"LM head weight copied per sequence by torch's CPU 16-bit matmul (×{rows})", size, size)]
+
+    def kv_cache(rows: int) -> Item:
+        per_layer = rows * seq * arch.kv_dim * act_bytes
+        return Item(f"KV cache [{rows} seqs × {seq} tokens]", 2 * arch.num_layers * per_layer, per_layer)
 
     gather = []
     if strategy in ("zero3", "fsdp"):
         largest = max(m.architecture.largest_unit_params() * DTYPE_BYTES[m.dtype] for m in models if m.sharded)
-        gather = [("gathered layers (current + prefetched)", 2 * largest)]
+        gather = [Item("gathered layers (current + prefetched)", 2 * largest, largest)]
+    sampling_weights = gather
+    if strategy == "zero3" and training.ds3_gather_for_generation:
+        whole = sum(m.weight_bytes() - math.ceil(m.weight_bytes() / shards) for m in trained)
+        sampling_weights = [Item("policy + value weights gathered for sampling", whole)]
 
-    generation = [
-        (f"sampled-token logits, fp32 ×{GENERATION_LOGITS_COPIES} [{local_batch}, {response}, {arch.vocab_size}]",
-         GENERATION_LOGITS_COPIES * sampled_logits),
-        (f"KV cache [{chunk} seqs × {seq} tokens]",
-         2 * arch.num_layers * arch.kv_dim * chunk * seq * act_bytes),
-    ]  # fmt: skip
-    if strategy == "zero3":
-        if training.ds3_gather_for_generation:
-            whole = sum(m.weight_bytes() - math.ceil(m.weight_bytes() / shards) for m in trained)
-            generation.append(("policy + value weights gathered for generation", whole))
-        else:
-            generation += gather
-    plan.phases["rollout: generation"] = generation
+    plan.phases["generation"] = [kv_cache(chunk), *lm_head_copies(chunk), *sampling_weights]
 
-    # The rollout runs the reference (or the policy with its adapter disabled), the policy (log-probs; values too
-    # with a value head), the value and the reward models one after the other on chunks of `chunk` sequences; the
-    # largest of these forwards sets the phase's peak.
-    scorers = [next((m for m in models if m.role == "reference"), policy), *trained]
-    scorers += [m for m in models if m.role == "reward"]
-    forwards = []
-    for label, model in zip(["reference", *(m.role for m in scorers[1:])], scorers):
-        a = model.architecture
-        hidden = (a.num_layers + 1) * chunk * seq * a.hidden_size * act_bytes
-        # The kit computes causal-LM logits at the response positions only, and log-softmaxes them in fp32.
-        logits = chunk * (response + 1) * a.vocab_size * 4 if model.head == "lm" else 0
-        forwards.append((label, hidden + logits))
-    worst_role, worst = max(forwards, key=lambda item: item[1])
-    plan.phases["rollout: scoring"] = [
-        (f"largest forward: {worst_role}, {chunk} seqs (hidden states, logits)", worst),
-        *gather,
+    # Scoring, chunk by chunk: one forward of the trained module gives the policy's logits (and the values); the
+    # reference's logits follow while the policy's are still referenced, then each is read in fp32.
+    reading = [
+        logits(chunk, "policy logits at the response positions"),
+        logits(chunk, "reference logits at the response positions"),
+        logits(chunk, "temperature-scaled copy and log-softmax temporaries", response, 4, SCORING_FP32_COPIES),
+        *lm_head_copies(chunk),
     ]
+    if policy in trained and not any(m.role == "value" for m in models):
+        # The value head reads the last of the hidden states the policy's forward returns, every layer's.
+        hidden = (arch.num_layers + 1) * chunk * seq * arch.hidden_size * act_bytes
+        per_layer = hidden // (arch.num_layers + 1)
+        forward = [Item(f"hidden states of every layer (value head) [{chunk} × {seq}]", hidden, per_layer),
+                   logits(chunk, "policy logits at the response positions"), *lm_head_copies(chunk)]  # fmt: skip
+        if sum(i.size for i in forward) > sum(i.size for i in reading):
+            reading = forward
+    plan.phases["scoring"] = [*reading, *gather]
 
     training_items = []
-    gradient_label = "gradients"
+    gradient_label, gradient_size = "gradients", gradient_bytes
     if strategy in ("zero2", "zero3", "fsdp"):
-        gradient_bytes, gradient_label = math.ceil(gradient_bytes / shards), f"gradients (1/{shards})"
-    training_items.append((gradient_label, gradient_bytes))
+        gradient_size, gradient_label = math.ceil(gradient_bytes / shards), f"gradients (1/{shards})"
+    largest_trainable = max(
+        (m.architecture.embedding_params if m.trainable == "full" else 0) * m.trainable_bytes for m in trainable
+    )
+    training_items.append(Item(gradient_label, gradient_size, largest_trainable))
     checkpointing = activation_checkpointing(recipe)
     tokens = micro * seq
     for model in trained:
         a = model.architecture
-        per_layer = a.activation_elements_per_token()
-        kept = a.num_layers * a.hidden_size + per_layer if checkpointing else a.num_layers * per_layer
+        # fp32 adapters on a 16-bit or quantized base each copy their input: peft casts it to fp32, and 16-bit
+        # autocast (accelerate's, with bf16/fp16; not DeepSpeed's, which casts the whole module) casts it back.
+        cast = not deepspeed_16bit and (DTYPE_BYTES[model.dtype] == 2 or model.quantization != "none")
+        adapter_copy_bytes = (2 if autocast else 4) if cast else 0
+        kept = a.trunk_saved_bytes_per_token(act_bytes, seq, "full" if model.trainable == "full" else "lora",
+                                             model.lora_targets, model.lora_r, adapter_copy_bytes,
+                                             checkpointing)  # fmt: skip
+        piece = tokens * max(a.intermediate_size, a.q_dim) * 4
         training_items.append(
-            (f"{model.role} activations ({micro} seqs × {seq} tokens{', checkpointed' if checkpointing else ''})",
-             tokens * kept * act_bytes)
+            Item(f"{model.role} activations ({micro} seqs × {seq} tokens{', checkpointed' if checkpointing else ''})",
+                 tokens * kept, piece)
         )  # fmt: skip
-    training_items.append(
-        (f"policy logits at response positions, fp32 ×{TRAINING_LOGITS_COPIES} [{micro}, {response}, {arch.vocab_size}]",
-         TRAINING_LOGITS_COPIES * micro * (response + 1) * arch.vocab_size * 4)
-    )  # fmt: skip
+    training_items.append(logits(micro, "policy logits at the response positions", response, 4, TRAINING_LOGITS_COPIES))
+    training_items += lm_head_copies(micro)
+    if not deepspeed and (cpu or strategy == "fsdp"):
+        # The trainable weights and optimizer state copied before the first step, so that a non-finite update can be
+        # undone (DeepSpeed checks the loss before its steps instead): in host memory, on the device under FSDP.
+        snapshot = sum(m.trainable_params * (m.trainable_bytes + (2 if optimizer_8bit else 2 * m.trainable_bytes))
+                       for m in trainable)  # fmt: skip
+        if strategy == "fsdp":
+            snapshot = math.ceil(snapshot / shards)
+        training_items.append(Item("copy of the trainable weights and AdamW states (undoes a non-finite update)",
+                                   snapshot, largest_trainable))  # fmt: skip
     training_items += gather
-    plan.phases["training step"] = training_items
+    plan.phases["optimisation"] = training_items
+
+    if training.eval_every_updates:
+        rows = training.per_device_eval_batch_size
+        sampling = [kv_cache(rows), *lm_head_copies(rows), *sampling_weights]
+        reading = [
+            logits(rows, "one model's logits at the response positions"),
+            logits(rows, "temperature-scaled copy and log-softmax temporaries", response, 4, SCORING_FP32_COPIES),
+            *lm_head_copies(rows),
+            *sampling_weights,
+        ]
+        plan.phases["evaluation"] = max(sampling, reading, key=lambda items: sum(i.size for i in items))
 
     storage = getattr(recipe.model, "bnb_4bit_quant_storage", None)
-    if policy.quantization == "4bit" and strategy in ("zero3", "fsdp") and storage != dtype:
-        plan.notes.append(f"sharding 4-bit weights needs bnb_4bit_quant_storage: {dtype}")
+    if policy.quantization == "4bit" and strategy in ("zero3", "fsdp") and storage != policy.dtype:
+        plan.notes.append(f"sharding 4-bit weights needs bnb_4bit_quant_storage: {policy.dtype}")
     if strategy == "fsdp" and any(m.role in ("reference", "reward") for m in models):
-        plan.notes.append("under FSDP, TRL puts the reference and reward models on every device whole (not sharded)")
+        plan.notes.append("under FSDP the reference and reward models sit on every device whole (not sharded)")
+    if not cpu and strategy != "fsdp" and not deepspeed:
+        plan.notes.append("host RAM also holds a copy of the trainable weights and AdamW states (undoes a "
+                          "non-finite update)")  # fmt: skip
     return plan
 
 
@@ -788,6 +927,9 @@ class PlanRequest:
     hardware: Hardware | None
     accelerate_config: str | None
     num_processes: int | None = None
+    device: str | None = None
+    """'cpu' or 'gpu' when the processes run elsewhere than the launch config says (a GPU launch config started on
+    a machine without GPUs runs on CPU processes, as the launch tests do)."""
 
     def parse(self, extra_flags: tuple[str, ...] = ()) -> Recipe:
         return parse_recipe([*self.recipe_args, *extra_flags])
@@ -796,8 +938,10 @@ class PlanRequest:
         declared = self.hardware.accelerate_config if self.hardware else None
         path = accelerate_config or self.accelerate_config or declared
         if path is None:
-            return Parallelism("none", self.num_processes or 1, 1, "gpu", "no launch config (one process)")
-        return parallelism_from_accelerate(path, None if accelerate_config else self.num_processes)
+            parallel = Parallelism("none", self.num_processes or 1, 1, "gpu", "no launch config (one process)")
+        else:
+            parallel = parallelism_from_accelerate(path, None if accelerate_config else self.num_processes)
+        return dataclasses.replace(parallel, device=self.device) if self.device else parallel
 
 
 def cheapest_fixes(request: PlanRequest) -> list[list[Fix]]:
@@ -911,7 +1055,9 @@ def as_dict(plan: MemoryPlan) -> dict[str, Any]:
              "weight_bytes": m.weight_bytes()}
             for m in plan.models
         ],
-        "static": dict(plan.static),
-        "phases": {phase: dict(items) for phase, items in plan.phases.items()},
+        "static": {item.label: item.size for item in plan.static},
+        "phases": {phase: {item.label: item.size for item in items} for phase, items in plan.phases.items()},
+        "kept": {phase: plan.kept_bytes(phase) for phase in plan.phases},
+        "phase_peaks": {phase: plan.phase_bytes(phase) for phase in plan.phases},
         "peak_bytes": plan.peak_bytes,
     }  # fmt: skip

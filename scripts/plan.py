@@ -1,7 +1,7 @@
 """Memory per device of a PPO recipe on its declared hardware, before anything is downloaded or loaded.
 
     python scripts/plan.py --config configs/<model>/ppo.yaml [--accelerate_config FILE] [--num_processes N]
-                           [--hardware FILE] [--any_recipe_field value ...]
+                           [--device cpu|gpu] [--hardware FILE] [--any_recipe_field value ...]
 
 The hardware comes from the recipe folder's hardware.yaml (the entry named after the recipe file) unless --hardware
 names another file; the launch config from that entry unless --accelerate_config names one. Prints a table of what
@@ -24,11 +24,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--accelerate_config", help="Launch config to plan for (default: the hardware entry's).")
     parser.add_argument("--num_processes", type=int, help="Override the launch config's process count.")
     parser.add_argument("--hardware", help="Hardware file (default: hardware.yaml beside the recipe).")
+    parser.add_argument("--device", choices=["cpu", "gpu"],
+                        help="Where the processes run, when not where the launch config says (e.g. fsdp.yaml on CPU "
+                        "processes).")  # fmt: skip
     args, recipe_flags = parser.parse_known_args(argv)
 
     hardware = load_hardware(args.config, args.hardware)
     request = PlanRequest(["--config", args.config, *recipe_flags], hardware, args.accelerate_config,
-                          args.num_processes)  # fmt: skip
+                          args.num_processes, args.device)  # fmt: skip
     plan, fit = plan_recipe(request)
     print(f"recipe: {args.config}{' ' + ' '.join(recipe_flags) if recipe_flags else ''}")
     print(plan.table())

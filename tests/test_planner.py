@@ -1,5 +1,7 @@
 """The memory planner on cases small enough to check by hand: parameter counts against the models transformers and
-peft build, weight bytes = parameters × bytes exactly, the LoRA formula, sharding, and the CLI's exit codes."""
+peft build, weight bytes = parameters × bytes exactly, the LoRA formula, the activations autograd saves against a
+real forward, each phase's terms, sharding, the CPU allocator's kept heap, and the CLI's exit codes. (How close its
+figures come to measured runs: bench/plan_vs_measured.py, docs/memory.md.)"""
 
 import importlib.util
 import json
@@ -14,21 +16,25 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from recipes.errors import RecipeError
 from recipes.planner import (
     DEEPSPEED_OPTIMIZER_BYTES,
+    DEEPSPEED_REDUCE_BUCKET,
     GIB,
     GPU_RUNTIME_GIB,
     QUANT_BLOCK,
+    SCORING_FP32_COPIES,
+    TRAINING_LOGITS_COPIES,
     Architecture,
     Hardware,
     Parallelism,
     PlanRequest,
     as_dict,
-    check_fit,
     cheapest_fixes,
+    check_fit,
     load_architecture,
     load_hardware,
     parallelism_from_accelerate,
     plan_memory,
 )
+from recipes.ppo.model import PolicyAndValue, ValueHead
 from recipes.tiny_models import tiny_llama_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +44,7 @@ MODEL_CONFIGS = sorted((REPO_ROOT / "configs" / "model_configs").glob("*/*/confi
 # The tiny Llama of recipes.tiny_models with a small vocabulary, so that every number below is easy to recompute:
 # hidden 64, intermediate 128, 2 layers, 4 heads of 16, 2 key-value heads (kv_dim 32), tied embeddings.
 VOCAB = 1000
-H, I, LAYERS, Q, KV = 64, 128, 2, 64, 32
+H, I, LAYERS, Q, KV, HEADS = 64, 128, 2, 64, 32, 4
 LINEAR_PER_LAYER = H * Q + 2 * H * KV + Q * H + 3 * H * I  # q, k, v, o, gate, up, down
 CAUSAL_PARAMS = VOCAB * H + LAYERS * (LINEAR_PER_LAYER + 2 * H) + H  # embedding, layers (+2 norms), final norm
 CLASSIFIER_PARAMS = CAUSAL_PARAMS + H  # + a one-label score head, no bias
@@ -72,6 +78,10 @@ def tiny_request(folders, *flags, hardware=None, accelerate_config=None) -> Plan
 
 def single_gpu() -> Parallelism:
     return Parallelism("none", 1, 1, "gpu", "test")
+
+
+def single_cpu() -> Parallelism:
+    return Parallelism("none", 1, 1, "cpu", "test")
 
 
 def plan_of(folders, *flags, parallel=None):
@@ -123,7 +133,7 @@ def test_weight_bytes_are_parameters_times_bytes(tiny_config_folders):
         assert models["reward"]["weight_bytes"] == CLASSIFIER_PARAMS * size
         assert models["value"]["weight_bytes"] == CLASSIFIER_PARAMS * size  # trained in full
         assert models["value"]["trainable_params"] == CLASSIFIER_PARAMS
-        assert plan["static"]["value AdamW states (%d B/param)" % (2 * size)] == CLASSIFIER_PARAMS * 2 * size
+        assert plan["static"][f"value AdamW states ({2 * size} B/param)"] == CLASSIFIER_PARAMS * 2 * size
         assert plan["static"]["policy AdamW states (8 B/param)"] == lora * 8
 
 
@@ -159,28 +169,140 @@ def test_sharding(tiny_config_folders):
     assert zero2["static"]["reward weights"] == CLASSIFIER_PARAMS * 4
     zero3 = plan_of(tiny_config_folders, parallel=Parallelism("zero3", n, n, "gpu", "test"))
     assert zero3["static"]["reward weights (1/8)"] == math.ceil(CLASSIFIER_PARAMS * 4 / n)
-    assert "policy + value weights gathered for generation" in zero3["phases"]["rollout: generation"]
+    assert "policy + value weights gathered for sampling" in zero3["phases"]["generation"]
+    # DeepSpeed's default gradient bucket, allocated whole on a GPU.
+    assert zero3["static"]["DeepSpeed gradient bucket (5e+08 elements)"] == DEEPSPEED_REDUCE_BUCKET * 4
     fsdp = plan_of(tiny_config_folders, parallel=Parallelism("fsdp", n, n, "gpu", "test"))
     assert fsdp["static"]["reward weights"] == CLASSIFIER_PARAMS * 4
     assert fsdp["static"]["value weights (1/8)"] == math.ceil(CLASSIFIER_PARAMS * 4 / n)
     assert zero3["peak_bytes"] < zero2["peak_bytes"]
 
 
-def test_activations_and_rollout_terms(tiny_config_folders):
-    """The tiny recipe: 4 episodes per update, mini-batches of 2 (micro-batch 2), 64 + 8 tokens, fp32."""
+def tiny_lora_bytes_per_token(seq: int) -> int:
+    """The tiny recipe's policy (fp32, LoRA r=8 on q_proj and v_proj), per token per layer, by hand: the RMSNorms'
+    fp32 inputs, SDPA's q, k, v (repeated to 4 heads), output and log-sum-exp, the float mask, SwiGLU's gate, SiLU
+    and up, the input q_proj and v_proj share, lora_A's outputs."""
+    return 2 * H * 4 + 4 * Q * 4 + HEADS * 4 + seq * 4 + 3 * I * 4 + H * 4 + 2 * 8 * 4
+
+
+def test_activations_and_phase_terms(tiny_config_folders):
+    """The tiny recipe: 4 episodes per update, mini-batches of 2 (micro-batch 2), 64 + 8 tokens, fp32; its critic
+    is the reward model's architecture trained in full."""
     plan = plan_of(tiny_config_folders)
-    seq, micro, per_layer = 72, 2, 4 * H + 3 * Q + 3 * KV + 4 * I
-    training = plan["phases"]["training step"]
-    assert training["policy activations (2 seqs × 72 tokens)"] == micro * seq * LAYERS * per_layer * 4
-    # Logits only where they predict response tokens (8 + 1 positions), in fp32.
-    assert training[f"policy logits at response positions, fp32 ×3 [2, 8, {VOCAB}]"] == 3 * micro * 9 * VOCAB * 4
-    generation = plan["phases"]["rollout: generation"]
-    assert generation[f"sampled-token logits, fp32 ×2 [4, 8, {VOCAB}]"] == 2 * 4 * 8 * VOCAB * 4
-    assert generation["KV cache [4 seqs × 72 tokens]"] == 2 * LAYERS * KV * 4 * seq * 4
-    checkpointed = plan_of(tiny_config_folders, "--activation_checkpointing", "true")["phases"]["training step"]
-    kept = micro * seq * (LAYERS * H + per_layer) * 4
+    seq, micro, response, chunk = 72, 2, 8, 4
+    training = plan["phases"]["optimisation"]
+    policy_layer = tiny_lora_bytes_per_token(seq)
+    # With a frozen base the first layer's first norm keeps nothing; the final norm keeps its fp32 input.
+    assert training["policy activations (2 seqs × 72 tokens)"] == micro * seq * LAYERS * policy_layer
+    # Full fine-tuning also keeps the norms' outputs before their weights and the inputs of q/k/v, gate/up, down.
+    value_layer = 2 * H * 4 + 4 * Q * 4 + HEADS * 4 + seq * 4 + 3 * I * 4 + 2 * H * 4 + (2 * H + I) * 4
+    assert training["value activations (2 seqs × 72 tokens)"] == micro * seq * (LAYERS * value_layer + H * 4)
+    logits = f"policy logits at the response positions, fp32 ×{TRAINING_LOGITS_COPIES} [2, 8, {VOCAB}]"
+    assert training[logits] == TRAINING_LOGITS_COPIES * micro * response * VOCAB * 4
+    assert training["gradients"] == (LAYERS * (8 * (H + Q) + 8 * (H + KV)) + CLASSIFIER_PARAMS) * 4
+    assert not any("LM head weight copied" in label for label in training)  # fp32, and a GPU
+
+    generation = plan["phases"]["generation"]
+    assert generation == {"KV cache [4 seqs × 72 tokens]": 2 * LAYERS * KV * chunk * seq * 4}  # no sampler logits
+    scoring = plan["phases"]["scoring"]
+    assert scoring[f"policy logits at the response positions, fp32 [4, 9, {VOCAB}]"] == chunk * 9 * VOCAB * 4
+    assert scoring[f"reference logits at the response positions, fp32 [4, 9, {VOCAB}]"] == chunk * 9 * VOCAB * 4
+    fp32 = f"temperature-scaled copy and log-softmax temporaries, fp32 ×{SCORING_FP32_COPIES} [4, 8, {VOCAB}]"
+    assert scoring[fp32] == SCORING_FP32_COPIES * chunk * response * VOCAB * 4
+    assert "evaluation" not in plan["phases"]  # eval_every_updates: 0
+
+    checkpointed = plan_of(tiny_config_folders, "--activation_checkpointing", "true")["phases"]["optimisation"]
+    kept = micro * seq * (LAYERS * H * 4 + policy_layer + H * 4)
     assert checkpointed["policy activations (2 seqs × 72 tokens, checkpointed)"] == kept
     assert plan["static"]["CUDA context and libraries"] == int(GPU_RUNTIME_GIB * GIB)
+    assert set(plan["phases"]) <= {"generation", "scoring", "optimisation", "evaluation"}  # the run's phase names
+
+
+def test_evaluation_phase(tiny_config_folders):
+    plan = plan_of(tiny_config_folders, "--eval_every_updates", "1", "--per_device_eval_batch_size", "3")
+    evaluation = plan["phases"]["evaluation"]
+    # Reading one model's log-probs outweighs sampling's KV cache here.
+    assert evaluation[f"one model's logits at the response positions, fp32 [3, 9, {VOCAB}]"] == 3 * 9 * VOCAB * 4
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize(
+    "dtype, lora_targets, autocast",
+    [("float32", ["q_proj", "v_proj"], False), ("bfloat16", ALL_LINEAR, False), ("bfloat16", ALL_LINEAR, True),
+     ("bfloat16", None, False)],
+    ids=["fp32-lora-qv", "bf16-lora-all-linear", "bf16-lora-all-linear-autocast", "bf16-full"],
+)  # fmt: skip
+def test_saved_activations_match_autograd(dtype, lora_targets, autocast):
+    """The planner's bytes per token per layer against what autograd saves in the decoder layers of a real training
+    forward of the engine's PolicyAndValue (tiny Llama, peft LoRA with its fp32 adapters, padded rows; with bf16
+    autocast as accelerate runs the GPU recipes, on the CPU's autocast, whose casts of the adapters' weights are
+    per call and not per token, so they are left out)."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(VOCAB)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    if lora_targets:
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets))
+    engine = PolicyAndValue(model, ValueHead(H)).train()
+    rows, response, pad = 3, 6, VOCAB - 1
+    query_responses = torch.randint(1, VOCAB - 2, (rows, 10 + response))
+    query_responses[:2, :3] = pad  # left padding: an attention mask reaches SDPA
+
+    layers = model.get_base_model().model.layers if lora_targets else model.model.layers
+    inside, shared, saved = [False], set(), {}
+
+    def enter(layer, args, kwargs):
+        inside[0] = True
+        for value in kwargs.values():  # the mask and position embeddings, made once for every layer
+            for tensor in value if isinstance(value, tuple) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    shared.add(tensor.untyped_storage().data_ptr())
+
+    for layer in layers:
+        layer.register_forward_pre_hook(enter, with_kwargs=True)
+        layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    parameters = {p.untyped_storage().data_ptr() for p in engine.parameters()}
+    weight_shapes = {shape for p in engine.parameters() for shape in (tuple(p.shape), tuple(p.shape)[::-1])}
+
+    def pack(tensor):
+        key = tensor.untyped_storage().data_ptr()
+        weight_copy = autocast and tuple(tensor.shape) in weight_shapes
+        if inside[0] and key not in parameters and key not in shared and not weight_copy:
+            saved[key] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with precision, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        engine(query_responses, pad, response)
+    per_token = sum(saved.values()) / query_responses.numel()
+
+    arch = Architecture.from_config(config.to_dict(), "tiny")
+    expected = arch.trunk_saved_bytes_per_token(
+        4 if dtype == "float32" else 2, query_responses.shape[1], "lora" if lora_targets else "full",
+        lora_targets or (), 8, adapter_copy_bytes=(2 if autocast else 4) if dtype != "float32" and lora_targets else 0,
+    )  # fmt: skip
+    assert per_token == pytest.approx(expected - H * 4, rel=0.02)  # the final norm is outside the layers
+
+
+def test_cpu_terms(tiny_config_folders):
+    """On CPU processes: torch's 16-bit matmul copies the LM head per sequence (bf16, not fp32, not on a GPU), and
+    each phase carries the heap the largest phase left, kept by glibc's allocator."""
+    bf16 = plan_of(tiny_config_folders, "--dtype", "bfloat16", parallel=single_cpu())
+    copies = {phase: next((size for label, size in items.items() if "LM head weight copied" in label), 0)
+              for phase, items in bf16["phases"].items()}  # fmt: skip
+    assert copies == {"generation": 4 * VOCAB * H * 2, "scoring": 4 * VOCAB * H * 2, "optimisation": 2 * VOCAB * H * 2}
+    fp32 = plan_of(tiny_config_folders, parallel=single_cpu())
+    assert not any("LM head" in label for items in fp32["phases"].values() for label in items)
+    assert not any(plan_of(tiny_config_folders, "--dtype", "bfloat16")["kept"].values())  # a GPU keeps nothing
+
+    plan = plan_memory(tiny_request(tiny_config_folders).parse(), single_cpu())
+    heaps = {phase: plan.heap_bytes(phase) for phase in plan.phases}
+    for phase in plan.phases:
+        # Items of at most 32 MiB each here: all of them stay on the heap.
+        assert heaps[phase] == sum(item.size for item in plan.phases[phase])
+        assert plan.kept_bytes(phase) == max(heaps.values()) - heaps[phase]
+        assert plan.phase_bytes(phase) == plan.static_bytes + max(heaps.values())
 
 
 def test_a_value_head_on_the_policy_trunk_removes_the_value_model(tiny_config_folders):
@@ -188,7 +310,7 @@ def test_a_value_head_on_the_policy_trunk_removes_the_value_model(tiny_config_fo
     head = plan_of(tiny_config_folders, "--value_model_init", "policy_trunk")
     assert [m["role"] for m in head["models"]] == ["policy", "reward"]
     assert not any(label.startswith("value") for label in head["static"])
-    policy_adam = lambda plan: plan["static"]["policy AdamW states (8 B/param)"]  # noqa: E731
+    policy_adam = lambda plan: plan["static"]["policy AdamW states (8 B/param)"]
     assert policy_adam(head) - policy_adam(separate) == (H + 1) * 8  # the head's two fp32 moments
     assert head["peak_bytes"] < separate["peak_bytes"] - CLASSIFIER_PARAMS * 4 * 3  # weights, gradients, moments
 
@@ -255,3 +377,14 @@ def test_plan_script_exit_codes(tmp_path, capsys):
 
     with pytest.raises(RecipeError):
         plan.main(["--config", "configs/qwen2.5-1.5b/ppo.yaml", "--no_such_field", "1"])
+
+
+def test_plan_script_plans_a_gpu_launch_config_on_cpu_processes(tiny_config_folders, capsys):
+    """`--device cpu`: fsdp.yaml started on a machine without GPUs, as the launch tests start it."""
+    code = plan_script().main(["--config", TINY_RECIPE, "--model_name_or_path", str(tiny_config_folders["policy"]),
+                               "--reward_model_name_or_path", str(tiny_config_folders["reward"]),
+                               "--accelerate_config", "configs/accelerate/fsdp.yaml", "--num_processes", "2",
+                               "--device", "cpu"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "2 cpu process(es), FSDP, shards over 2" in out
+    assert "CPU_RUNTIME_GIB" in out and "CUDA context" not in out
