@@ -304,11 +304,14 @@ def evaluate_policy(
     perplexity_texts: list[str] | None = None,
     synced_gpus: bool = False,
     shard: Shard = Shard(),
+    reference_cache: dict | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Returns (flat results, one sample row per prompt). `prompts`: the tokenised held-out prompts
     (`held_out_prompts`). Each batch of `batch_size` prompts is evaluated on its own (`evaluate_batch`); `shard`
     shares the batches among processes (`scripts/evaluate.py` under `accelerate launch`). `synced_gpus` when the
-    models' weights are sharded over processes, which then all evaluate every batch (PPO's held-out evaluation)."""
+    models' weights are sharded over processes, which then all evaluate every batch (PPO's held-out evaluation).
+    `reference_cache`: a dict kept across calls with the same reference, prompts, sources and settings (a sweep over
+    checkpoints, PPO's evaluations during one run): the reference's side of each batch is computed once."""
     # Padded to the widest of all the prompts, so that a batch is the same tensor whichever process samples it.
     everything = collate_prompts(list(prompts), tokenizer.pad_token_id)
     starts = range(0, len(everything.prompts), evaluation.batch_size)
@@ -317,7 +320,8 @@ def evaluate_policy(
         rows = slice(starts[k], starts[k] + evaluation.batch_size)
         batch = PromptBatch(everything.input_ids[rows], everything.prompts[rows],
                             everything.conversations[rows] if everything.conversations else None)  # fmt: skip
-        records.append(evaluate_batch(k, batch, policy, reference, tokenizer, sources, evaluation, synced_gpus))
+        records.append(evaluate_batch(k, batch, policy, reference, tokenizer, sources, evaluation, synced_gpus,
+                                      reference_cache))  # fmt: skip
     text_nll_parts = []
     if perplexity_texts is not None:
         text_starts = range(0, len(perplexity_texts), evaluation.batch_size)
@@ -333,33 +337,46 @@ def evaluate_policy(
 
 
 def evaluate_batch(index: int, batch: PromptBatch, policy, reference, tokenizer, sources: list[RewardSource],
-                   evaluation: EvalArguments, synced_gpus: bool = False) -> dict[str, Any]:  # fmt: skip
+                   evaluation: EvalArguments, synced_gpus: bool = False,
+                   reference_cache: dict | None = None) -> dict[str, Any]:  # fmt: skip
     """What batch `index` of the held-out prompts contributes, per prompt: both models' completions (text, length,
     ended), the KL estimates on the policy's completions, each source's scores for both sides; and both models'
     negative log-likelihood of the reference's completions (for perplexity). Plain values: records travel between
-    processes."""
+    processes. The reference's side does not depend on the policy: it comes from `reference_cache` when there."""
     pad = tokenizer.pad_token_id
-    outputs = {
-        "policy": sample_completions(policy, tokenizer, batch, evaluation, "policy samples", synced_gpus, index),
-        "reference": sample_completions(reference, tokenizer, batch, evaluation, "reference samples", synced_gpus,
-                                        index),
-    }  # fmt: skip
-    policy_out = outputs["policy"]
+    cached = reference_cache.get(index) if reference_cache is not None else None
+    if cached is None:
+        reference_out = sample_completions(reference, tokenizer, batch, evaluation, "reference samples", synced_gpus,
+                                           index)  # fmt: skip
+        cached = (reference_out, side_record(reference, reference_out, reference_out, batch, sources, evaluation, pad))
+        if reference_cache is not None:
+            reference_cache[index] = cached
+    reference_out, reference_record = cached
+    policy_out = sample_completions(policy, tokenizer, batch, evaluation, "policy samples", synced_gpus, index)
     kl = kl_per_sequence(
         completion_logprobs(policy, policy_out, pad, evaluation.temperature, evaluation.batch_size),
         completion_logprobs(reference, policy_out, pad, evaluation.temperature, evaluation.batch_size),
         policy_out.response_mask,
     )
-    record = {"batch": index, "prompts": batch.prompts, "kl": {name: values.tolist() for name, values in kl.items()}}
-    for side, model in (("policy", policy), ("reference", reference)):
-        out = outputs[side]
-        episodes = Episodes(batch.prompts, out.texts, batch.conversations, out.query_responses, pad)
-        scores = {}
-        for source in sources:
-            scores.update({name: values.tolist() for name, values in source.score(episodes).by_source.items()})
-        record[side] = {"texts": out.texts, "lengths": out.lengths, "ended": out.ended, "scores": scores,
-                        "nll": completion_nll(model, outputs["reference"], pad, evaluation.batch_size)}  # fmt: skip
-    return record
+    return {
+        "batch": index,
+        "prompts": batch.prompts,
+        "kl": {name: values.tolist() for name, values in kl.items()},
+        "policy": side_record(policy, policy_out, reference_out, batch, sources, evaluation, pad),
+        "reference": reference_record,
+    }
+
+
+def side_record(model, out: Completions, reference_out: Completions, batch: PromptBatch, sources: list[RewardSource],
+                evaluation: EvalArguments, pad: int) -> dict[str, Any]:  # fmt: skip
+    """One model's side of a batch: its completions `out`, each source's scores of them, and the model's negative
+    log-likelihood of the reference's completions."""
+    episodes = Episodes(batch.prompts, out.texts, batch.conversations, out.query_responses, pad)
+    scores = {}
+    for source in sources:
+        scores.update({name: values.tolist() for name, values in source.score(episodes).by_source.items()})
+    return {"texts": out.texts, "lengths": out.lengths, "ended": out.ended, "scores": scores,
+            "nll": completion_nll(model, reference_out, pad, evaluation.batch_size)}  # fmt: skip
 
 
 def summarise(records: list[dict[str, Any]], text_nll_parts: list[dict] | None = None
@@ -417,6 +434,8 @@ class HeldOutEvaluation:
     prompts: Any
     sources: list[RewardSource]
     evaluation: EvalArguments
+    reference_cache: dict = field(default_factory=dict)
+    """The reference's side of each held-out batch, computed at the first evaluation: the reference does not train."""
 
     @classmethod
     def for_ppo_recipe(cls, recipe, tokenizer, reward: RewardSource) -> "HeldOutEvaluation | None":
@@ -441,7 +460,7 @@ class HeldOutEvaluation:
 
     def __call__(self, policy, reference, synced_gpus: bool = False) -> dict[str, float]:
         results, _ = evaluate_policy(policy, reference, self.tokenizer, self.prompts, self.sources, self.evaluation,
-                                     synced_gpus=synced_gpus)  # fmt: skip
+                                     synced_gpus=synced_gpus, reference_cache=self.reference_cache)  # fmt: skip
         return results
 
 
@@ -476,11 +495,11 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config((data_args, evaluation), source, output_dir / "eval.yaml")
-    rows = []
+    rows, reference_cache = [], {}
     for policy_name in policies:
         policy = load_policy_for_eval(policy_name, evaluation.dtype, device)
         results, samples = evaluate_policy(policy, reference, tokenizer, prompts, sources, evaluation, perplexity_texts,
-                                           shard=shard)  # fmt: skip
+                                           shard=shard, reference_cache=reference_cache)  # fmt: skip
         rows.append({"policy": policy_name, **results})
         state.print(format_summary(policy_name, results, source_names(sources)))
     if state.is_main_process:

@@ -280,3 +280,20 @@ def test_checkpoint_sweep_writes_one_row_per_checkpoint_and_a_plot(tiny_models, 
     assert all(row["kl/k1/mean"] != 0 for row in rows)
     assert (output_dir / "reward_vs_kl.png").stat().st_size > 1000
     assert "win_rate/sentiment" in json.loads((output_dir / "eval_results.json").read_text())
+
+
+def test_reference_side_computed_once_gives_the_same_results(tiny_models, tokenizer):
+    """A sweep over checkpoints keeps the reference's side of each batch (its completions, their scores and its own
+    likelihood of them) from the first policy: the later policies' results are those of a fresh evaluation."""
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["policy"]).eval()
+    evaluation = EvalArguments(response_length=6, batch_size=3, seed=5)
+    length = FunctionSource.from_spec("length")
+    prompts = tokenized_prompts(tokenizer, PROMPTS[:6])
+    cache = {}
+    for seed in (1, 2):
+        policy = _perturbed_copy(tiny_models["policy"], seed)
+        cached, cached_samples = evaluate_policy(policy, reference, tokenizer, prompts, [length], evaluation,
+                                                 reference_cache=cache)  # fmt: skip
+        fresh, fresh_samples = evaluate_policy(policy, reference, tokenizer, prompts, [length], evaluation)
+        assert cached == fresh and cached_samples == fresh_samples
+    assert sorted(cache) == [0, 1]  # two batches of three prompts, each computed once
