@@ -57,12 +57,12 @@ CASES = {
                                          "separate"),
     "qlora": Case(["--use_peft", "true", "--load_in_4bit", "true"], 4, True, "adapter_disabled"),
     # The default SmolLM2 recipe's shape: bf16 weights, a value head on the policy, a held-out evaluation.
+    # ... and TRL's sample table of greedy completions, twice in the run.
     "bf16_value_head_evaluated": Case(["--dtype", "bfloat16", "--value_model_init", "policy_trunk",
-                                       "--eval_every_updates", "1", "--eval_reward_functions", "sentiment"], 8, True,
-                                      "adapter_disabled", value_head=True, evaluated=True),
+                                       "--eval_every_updates", "1", "--eval_reward_functions", "sentiment",
+                                       "--num_sample_generations", "2"], 8, True, "adapter_disabled", value_head=True,
+                                      evaluated=True),
 }  # fmt: skip
-
-
 
 
 def changed_tensors(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
@@ -102,10 +102,13 @@ def test_ppo_run(case: Case, tiny_models, prompt_files, tmp_path, capsys):
 
     log = capsys.readouterr().out
     assert (
-        f"× 1 processes = {EPISODES_PER_UPDATE} episodes per update; 2 mini-batches of 2 episodes; "
-        f"{case.total_episodes} episodes → {updates} updates"
+        f"× 1 processes = {EPISODES_PER_UPDATE} episodes per update; 2 mini-batches of 2 episodes (1 micro-batch of 2 "
+        f"per process); 1 PPO epochs → 2 optimizer steps per update; {case.total_episodes} episodes → {updates} updates"
     ) in log
     assert f"({'LoRA' if case.lora else 'full'}), reference {case.reference}," in log
+    # TRL's sample table (num_sample_generations): printed before the updates it falls on.
+    shown = [line for line in log.splitlines() if line.startswith("samples after update")]
+    assert len(shown) == (2 if case.evaluated else 0)
 
     # metrics.jsonl: one line per update, TRL's metric names, finite values, episodes counted per update.
     metrics = read_metrics(output_dir / "metrics.jsonl")
@@ -145,7 +148,8 @@ def test_ppo_run(case: Case, tiny_models, prompt_files, tmp_path, capsys):
 
     # The held-out evaluation after each update: the PPO reward and the gold function, KL, win-rate.
     for line in metrics:
-        keys = {"eval/reward/reward/mean", "eval/reward/sentiment/mean", "eval/kl/k1/mean", "eval/win_rate/sentiment"}
+        keys = {"eval/reward/reward_model/mean", "eval/reward/sentiment/mean", "eval/kl/k1/mean",
+                "eval/win_rate/sentiment"}
         assert keys <= line.keys() if case.evaluated else not any(key.startswith("eval/") for key in line)
         if case.evaluated:
             assert line["eval/num_prompts"] == 2 and line["time/evaluation_s"] > 0  # the held-out split

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from recipes.evaluation import parse_eval_config
 from recipes.ppo.checkpoint import complete_checkpoints, read_progress
 from recipes.planner import GIB, PlanRequest, load_hardware, parallelism_from_accelerate, plan_recipe
 from recipes.tiny_models import build_tiny_models
+from tests.conftest import free_port
 from reward_models.config import parse_reward_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -420,7 +420,7 @@ def test_slurm_preemption_checkpoints_requeues_and_the_rerun_resumes(launch_conf
     env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(REPO_ROOT), "GPUS_PER_NODE": str(processes), "ACCELERATE_CONFIG": launch_config,
-           "MAIN_PORT": str(free_tcp_port()), "SCONTROL_LOG": str(logs["scontrol"]),
+           "MAIN_PORT": str(free_port()), "SCONTROL_LOG": str(logs["scontrol"]),
            "SCANCEL_LOG": str(logs["scancel"]), "STEP_PIDS": str(logs["step_pids"]),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
@@ -458,37 +458,3 @@ def test_slurm_preemption_checkpoints_requeues_and_the_rerun_resumes(launch_conf
     assert (output_dir / "adapter_config.json").is_file()
     assert logs["scontrol"].read_text().split() == ["requeue", "4242"], "the finished run was requeued again"
 
-
-# ------------------------------------------------------------------------------------------------------------------
-# Two processes on the CPU, through configs/accelerate/multi_cpu.yaml
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_tiny_recipe_runs_through_the_multi_cpu_config(tmp_path):
-    models = build_tiny_models(tmp_path / "models")
-    prompts = tmp_path / "prompts.jsonl"
-    subjects = ["movie", "book", "concert", "train ride", "dinner", "museum", "hike", "game", "album", "play"]
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about the {s}."}) + "\n" for s in subjects * 2))
-    output_dir = tmp_path / "run"
-    command = [
-        str(Path(sys.executable).parent / "accelerate"), "launch",
-        "--config_file", "configs/accelerate/multi_cpu.yaml", "--main_process_port", str(free_tcp_port()),
-        "scripts/ppo.py", "--config", "configs/tiny/ppo.yaml",
-        "--model_name_or_path", str(models["policy"]), "--reward_model_name_or_path", str(models["reward"]),
-        "--dataset_name", str(prompts), "--output_dir", str(output_dir),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-5000:]
-    # Both processes joined one group: 4 per device × 1 × 2 processes = 8 episodes, the recipe's whole budget.
-    assert "4 per-device episodes × 1 grad-accumulation × 2 processes = 8 episodes per update" in result.stdout
-    metrics = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert len(metrics) == 1 and metrics[0]["episode"] == 8
-    assert (output_dir / "adapter_config.json").is_file()
-    assert (output_dir / "value_model" / "model.safetensors").is_file()

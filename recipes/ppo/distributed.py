@@ -89,6 +89,13 @@ class Backend:
             source.model = self.prepare_frozen(source.model)
 
     @property
+    def rng_devices(self) -> list:
+        """The devices whose random generators `torch.random.fork_rng` must save and restore around sampling that
+        is not training's (held-out evaluation, sample tables): this process's GPU, if any."""
+        device = self.accelerator.device
+        return [device] if device.type == "cuda" else []
+
+    @property
     def needs_synced_sampling(self) -> bool:
         """Whether `generate` must keep every process stepping until all are done: weights gathered layer by layer
         (FSDP, or ZeRO-3 without `ds3_gather_for_generation`) need every process at every forward."""

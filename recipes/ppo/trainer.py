@@ -29,7 +29,7 @@ from recipes.ppo.config import BatchPlan, PPOConfig
 from recipes.ppo.model import PolicyAndValue
 from trl.trainer.utils import disable_dropout_in_model
 from recipes.rewards.sources import Episodes, RewardSource
-from recipes.tracking import PhaseMeter
+from recipes.tracking import PhaseMeter, log_sample_table
 
 
 class PromptOrder:
@@ -381,7 +381,8 @@ class PPOTrainer:
     def evaluate_held_out(self) -> dict[str, float]:
         """The held-out evaluation of the current policy against the reference. Every process runs it (sampling
         under sharded weights needs all of them); the training's random streams are left as they were."""
-        with torch.random.fork_rng(devices=[]), self.backend.sampling(self.model, self.config) as policy:
+        keep_training_streams = torch.random.fork_rng(devices=self.backend.rng_devices)
+        with keep_training_streams, self.backend.sampling(self.model, self.config) as policy:
             reference = self.reference or distributed.AdapterDisabled(policy)
             results = self.held_out(policy, reference, self.backend.needs_synced_sampling)
         return {f"eval/{key}": value for key, value in results.items()}
@@ -393,20 +394,19 @@ class PPOTrainer:
     def sample_table(self, update: int) -> None:
         """Greedy completions of a few held-out prompts with their scores: printed, and logged to W&B as
         `completions` (TRL's sample table)."""
-        rows = [self.sample_prompts[i] for i in range(min(self.config.per_device_eval_batch_size, len(self.sample_prompts)))]
-        batch = collate_prompts(rows, self.pad_token_id)
+        shown = min(self.config.per_device_eval_batch_size, len(self.sample_prompts))
+        batch = collate_prompts([self.sample_prompts[i] for i in range(shown)], self.pad_token_id)
         queries = batch.input_ids.to(self.accelerator.device)
         config = sampling_config(self.config.response_length, 1.0, self.tokenizer.eos_token_id, self.pad_token_id,
                                  greedy=True)  # fmt: skip
-        with torch.random.fork_rng(devices=[]), self.backend.sampling(self.model, self.config) as policy:
+        keep_training_streams = torch.random.fork_rng(devices=self.backend.rng_devices)
+        with keep_training_streams, self.backend.sampling(self.model, self.config) as policy:
             responses = sample_responses(policy, queries, config, len(queries), self.backend.needs_synced_sampling)
         scored = core.cut_after_stop(responses, self.stop_token_id, self.pad_token_id)
         completions = self.tokenizer.batch_decode(scored, skip_special_tokens=True)
         scores = self.reward.score(Episodes(batch.prompts, completions, batch.conversations,
                                             torch.cat([queries, scored], 1), self.pad_token_id)).total  # fmt: skip
         if self.accelerator.is_main_process:
-            from recipes.tracking import log_sample_table
-
             log_sample_table(update, batch.prompts, completions, scores.tolist())
 
     # -- agreement between processes, schedules ---------------------------------------------------------------------
