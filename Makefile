@@ -15,7 +15,7 @@ PPO_FLAGS ?=
 EVAL_FLAGS ?=
 LAUNCH := $(BIN)/accelerate launch --config_file configs/accelerate/cpu.yaml
 
-.PHONY: venv model preferences reward-model ppo evaluate demo bench seeds test clean
+.PHONY: venv model preferences reward-model ppo evaluate demo bench seeds compare test clean
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ SEEDS_FLAGS ?=
 seeds: model
 	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
 	$(BIN)/python bench/seed_spread.py $(SEEDS_FLAGS)
+
+# PPO beside RLOO, GRPO, DPO and RAFT on the default task, same prompts, reward model, budget and evaluation, for
+# several seeds (not a test): writes bench/compare.json, bench/COMPARE.md and bench/compare.png.
+COMPARE_FLAGS ?=
+compare: model
+	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m
+	$(BIN)/python bench/compare.py $(COMPARE_FLAGS)
 
 test: model
 	$(BIN)/python -m pytest
