@@ -43,10 +43,12 @@ WORKLOADS = {"smollm2": "configs/smollm2-135m/ppo.yaml", "tiny": "configs/tiny/p
 LAUNCHES = ["cpu", "multi_cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
 KIT_REWARD_MODEL = KIT_ROOT / "outputs" / "smollm2-135m" / "reward_model"
 REWARD_RECIPE = KIT_ROOT / "configs" / "smollm2-135m" / "reward.yaml"
-# The child reports its own peak RSS (bytes).
+# The child reports its own peak RSS (bytes) from /proc: getrusage's ru_maxrss would carry this process's peak
+# over (Linux keeps it across fork and exec).
 IMPORTS_OF_A_RUN = (
-    "import resource, recipes.run, recipes.rewards.sources, torch.distributed; "
-    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    "import pathlib, recipes.run, recipes.rewards.sources, torch.distributed; "
+    "print(next(int(line.split()[1]) * 1024 for line in pathlib.Path('/proc/self/status').read_text().splitlines() "
+    "if line.startswith('VmHWM:')))"
 )
 POLL_SECONDS = 0.2
 

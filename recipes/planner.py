@@ -82,6 +82,10 @@ DEEPSPEED_REDUCE_BUCKET = 500_000_000
 """DeepSpeed's default `reduce_bucket_size` (elements), which the kit's launch configs leave unset: ZeRO-2 and ZeRO-3
 allocate a gradient bucket this large (in the gradients' dtype) on each device; on a CPU only the part gradients
 are written into becomes resident."""
+DEEPSPEED_MAX_LIVE_PARAMETERS = 1_000_000_000
+"""DeepSpeed's default `stage3_max_live_parameters` and `stage3_max_reuse_distance` (elements), unset in the kit's
+launch configs: ZeRO-3 keeps gathered up to this many parameters it will use again, so a model smaller than this
+stays gathered through a whole forward (and backward)."""
 MMAP_THRESHOLD_MAX = 32 * 2**20
 """glibc's largest mmap threshold (64-bit): once a freed large block has raised the threshold, only single
 allocations above 32 MiB are mapped, and given back to the system when freed; smaller ones come from the heap,
@@ -561,22 +565,23 @@ def recipe_models(recipe: Recipe) -> list[ModelMemory]:
 
 @dataclass(frozen=True)
 class Item:
-    """`size` bytes one device holds for one reason, allocated in pieces of at most `piece` bytes (0: many small
-    ones). On a CPU the piece size decides whether freeing it gives the memory back (`MMAP_THRESHOLD_MAX`)."""
+    """`size` bytes one device holds for one reason; `returned` of them are in single allocations above glibc's mmap
+    threshold, which a CPU process gives back to the system when it frees them (`MMAP_THRESHOLD_MAX`)."""
 
     label: str
     size: int
-    piece: int = 0
+    returned: int = 0
 
-    @property
-    def returned_when_freed(self) -> bool:
-        return self.piece > MMAP_THRESHOLD_MAX
+    @classmethod
+    def in_pieces(cls, label: str, size: int, piece: int) -> "Item":
+        """`size` bytes allocated in pieces of at most `piece` bytes."""
+        return cls(label, size, size if piece > MMAP_THRESHOLD_MAX else 0)
 
 
 @dataclass
 class MemoryPlan:
     """Bytes per device: `static` items are held all run; each phase adds its own items on top (on a CPU, also the
-    heap another phase left behind: `kept_bytes`)."""
+    heap the other phases left behind: `kept_bytes`)."""
 
     models: list[ModelMemory]
     parallel: Parallelism
@@ -590,15 +595,15 @@ class MemoryPlan:
 
     def heap_bytes(self, phase: str) -> int:
         """What `phase` allocates in pieces the allocator keeps once freed."""
-        return sum(item.size for item in self.phases[phase] if not item.returned_when_freed)
+        return sum(item.size - item.returned for item in self.phases[phase])
 
     def kept_bytes(self, phase: str) -> int:
-        """On a CPU: heap another phase freed and the allocator kept, beyond what `phase` reuses of it. After the
-        first update every phase starts from the largest heap of any phase. Zero on a GPU (the caching allocator
-        reuses freed blocks; `max_memory_allocated` counts live tensors)."""
+        """On a CPU: heap the other phases freed and glibc's allocator kept. After the first update every phase
+        starts from it; it is counted as not reusable by this phase (its pieces have other sizes), which bounds the
+        fragmentation from above. Zero on a GPU (`max_memory_allocated`, which the run logs, counts live tensors)."""
         if self.parallel.device != "cpu":
             return 0
-        return max(self.heap_bytes(other) for other in self.phases) - self.heap_bytes(phase)
+        return sum(self.heap_bytes(other) for other in self.phases if other != phase)
 
     def phase_bytes(self, phase: str) -> int:
         return self.static_bytes + self.kept_bytes(phase) + sum(item.size for item in self.phases[phase])
@@ -668,16 +673,22 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     training = recipe.training
     policy = models[0]
     trained = [m for m in models if m.role in ("policy", "value")]  # no value model: a head on the policy's trunk
-    act_bytes = activation_bytes_per_value(recipe, policy.dtype)
     strategy, shards, cpu = parallel.strategy, parallel.shard_group, parallel.device == "cpu"
     deepspeed = strategy in ("zero2", "zero3")
-    # DeepSpeed casts the trained module (adapters and value head too) to the launch's 16-bit precision.
     deepspeed_16bit = deepspeed and bool(training.bf16 or training.fp16)
     autocast = bool(training.bf16 or training.fp16) and not deepspeed
+    launch_dtype = "bfloat16" if training.bf16 else "float16" if training.fp16 else "float32"
     for model in models:
         model.sharded = strategy == "zero3" or (strategy == "fsdp" and model.role in ("policy", "value"))
-        if deepspeed_16bit and model.trainable != "frozen":
-            model.trainable_bytes = 2
+        if strategy == "zero3" and model.quantization == "none":
+            # ZeRO-3 creates and partitions every model it holds in the launch's precision, whatever the recipe's
+            # dtype (fp32 under `--mixed_precision no`).
+            model.dtype = launch_dtype
+            if model.trainable != "frozen":
+                model.trainable_bytes = DTYPE_BYTES[launch_dtype]
+        elif deepspeed_16bit and model.trainable != "frozen":
+            model.trainable_bytes = 2  # DeepSpeed casts the trained module, adapters and value head too
+    act_bytes = activation_bytes_per_value(recipe, policy.dtype)
 
     plan = MemoryPlan(models=models, parallel=parallel)
     for model in models:
@@ -728,7 +739,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         shape = f"[{rows}, {positions}, {vocab}]"
         size = rows * positions * vocab * bytes_per_value
         dtype = "fp32" if bytes_per_value == 4 else "16-bit"
-        return Item(f"{what}, {dtype}{f' ×{copies}' if copies > 1 else ''} {shape}", copies * size, size)
+        return Item.in_pieces(f"{what}, {dtype}{f' ×{copies}' if copies > 1 else ''} {shape}", copies * size, size)
 
     def lm_head_copies(rows: int) -> list[Item]:
         """torch's CPU matmul in 16 bits over the sliced [rows, positions, hidden] input the LM head gets from
@@ -736,20 +747,57 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         if not cpu or act_bytes != 2:
             return []
         size = rows * vocab * arch.hidden_size * 2
-        return [Item(f"LM head weight copied per sequence by torch's CPU 16-bit matmul (×{rows})", size, size)]
+        label = f"LM head weight copied per sequence by torch's CPU 16-bit matmul (×{rows})"
+        return [Item.in_pieces(label, size, size)]
 
     def kv_cache(rows: int) -> Item:
         per_layer = rows * seq * arch.kv_dim * act_bytes
-        return Item(f"KV cache [{rows} seqs × {seq} tokens]", 2 * arch.num_layers * per_layer, per_layer)
+        return Item.in_pieces(f"KV cache [{rows} seqs × {seq} tokens]", 2 * arch.num_layers * per_layer, per_layer)
 
-    gather = []
-    if strategy in ("zero3", "fsdp"):
-        largest = max(m.architecture.largest_unit_params() * DTYPE_BYTES[m.dtype] for m in models if m.sharded)
-        gather = [Item("gathered layers (current + prefetched)", 2 * largest, largest)]
+    # Gathered weights sit beside the process's own shard, which stays allocated.
+    whole_trained = sum(m.weight_bytes() for m in trained)
+
+    def large_tensors(group: list[ModelMemory]) -> int:
+        """Bytes of the models' embeddings and untied LM heads that are single allocations above the mmap
+        threshold (returned to the system when a CPU process frees them)."""
+        sizes = [m.architecture.embedding_params * DTYPE_BYTES[m.dtype] for m in group]
+        heads = [size * (m.head == "lm" and not m.architecture.tie_word_embeddings) for m, size in zip(group, sizes)]
+        return sum(size for size in sizes + heads if size > MMAP_THRESHOLD_MAX)
+
+    gather, reward_gather = [], []
+    if strategy == "zero3":
+
+        def gathered(group: list[ModelMemory]) -> int:
+            """What ZeRO-3 holds gathered while `group` (one DeepSpeed engine) runs: the current and prefetched
+            layers, or up to its live-parameter limit, the whole model when it is smaller than that."""
+            layers = max(2 * m.architecture.largest_unit_params() * DTYPE_BYTES[m.dtype] for m in group)
+            live = DEEPSPEED_MAX_LIVE_PARAMETERS * max(DTYPE_BYTES[m.dtype] for m in group)
+            return min(sum(m.weight_bytes() for m in group), max(layers, live))
+
+        def gathered_item(label: str, group: list[ModelMemory]) -> Item:
+            size = gathered(group)
+            return Item(label, size, min(size, large_tensors(group)))
+
+        label = "policy + value weights gathered (layers, or all below DeepSpeed's live limit)"
+        gather = [gathered_item(label, trained)]
+        reward_gather = [gathered_item(f"{m.role} weights gathered", [m]) for m in models
+                         if m.role in ("reference", "reward")]  # fmt: skip
+    elif strategy == "fsdp":
+        # accelerate wraps FSDP units by the model's `_no_split_modules`, which the engine's PolicyAndValue does not
+        # declare: the trained module is one unit, gathered whole by each of its forwards and for sampling.
+        gather = [Item("policy + value weights gathered whole (one FSDP unit)", whole_trained, large_tensors(trained))]
     sampling_weights = gather
     if strategy == "zero3" and training.ds3_gather_for_generation:
-        whole = sum(m.weight_bytes() - math.ceil(m.weight_bytes() / shards) for m in trained)
-        sampling_weights = [Item("policy + value weights gathered for sampling", whole)]
+        sampling_weights = [Item("policy + value weights gathered for sampling", whole_trained, large_tensors(trained))]
+    if cpu and strategy == "fsdp":
+        # Each process loads the models whole and then shards them; on a CPU the freed whole weights stay in the
+        # heap (but for pieces above the mmap threshold, such as a large embedding).
+        label = "whole weights loaded before sharding, kept by the allocator"
+        plan.static.append(Item(label, whole_trained - large_tensors(trained)))
+    if cpu and strategy == "ddp":
+        # DDP broadcasts every weight of the trained module from the main process when it wraps it, through
+        # flattened copies; on a CPU they stay in the heap.
+        plan.static.append(Item("copies of DDP's first broadcast of the weights, kept by the allocator", whole_trained))
 
     plan.phases["generation"] = [kv_cache(chunk), *lm_head_copies(chunk), *sampling_weights]
 
@@ -765,11 +813,11 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         # The value head reads the last of the hidden states the policy's forward returns, every layer's.
         hidden = (arch.num_layers + 1) * chunk * seq * arch.hidden_size * act_bytes
         per_layer = hidden // (arch.num_layers + 1)
-        forward = [Item(f"hidden states of every layer (value head) [{chunk} × {seq}]", hidden, per_layer),
+        forward = [Item.in_pieces(f"hidden states of every layer (value head) [{chunk} × {seq}]", hidden, per_layer),
                    logits(chunk, "policy logits at the response positions"), *lm_head_copies(chunk)]  # fmt: skip
         if sum(i.size for i in forward) > sum(i.size for i in reading):
             reading = forward
-    plan.phases["scoring"] = [*reading, *gather]
+    plan.phases["scoring"] = [*reading, *gather, *reward_gather]
 
     training_items = []
     gradient_label, gradient_size = "gradients", gradient_bytes
@@ -778,7 +826,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
     largest_trainable = max(
         (m.architecture.embedding_params if m.trainable == "full" else 0) * m.trainable_bytes for m in trainable
     )
-    training_items.append(Item(gradient_label, gradient_size, largest_trainable))
+    training_items.append(Item.in_pieces(gradient_label, gradient_size, largest_trainable))
     checkpointing = activation_checkpointing(recipe)
     tokens = micro * seq
     for model in trained:
@@ -791,10 +839,8 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
                                              model.lora_targets, model.lora_r, adapter_copy_bytes,
                                              checkpointing)  # fmt: skip
         piece = tokens * max(a.intermediate_size, a.q_dim) * 4
-        training_items.append(
-            Item(f"{model.role} activations ({micro} seqs × {seq} tokens{', checkpointed' if checkpointing else ''})",
-                 tokens * kept, piece)
-        )  # fmt: skip
+        label = f"{model.role} activations ({micro} seqs × {seq} tokens{', checkpointed' if checkpointing else ''})"
+        training_items.append(Item.in_pieces(label, tokens * kept, piece))
     training_items.append(logits(micro, "policy logits at the response positions", response, 4, TRAINING_LOGITS_COPIES))
     training_items += lm_head_copies(micro)
     if not deepspeed and (cpu or strategy == "fsdp"):
@@ -804,8 +850,8 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
                        for m in trainable)  # fmt: skip
         if strategy == "fsdp":
             snapshot = math.ceil(snapshot / shards)
-        training_items.append(Item("copy of the trainable weights and AdamW states (undoes a non-finite update)",
-                                   snapshot, largest_trainable))  # fmt: skip
+        label = "copy of the trainable weights and AdamW states (undoes a non-finite update)"
+        training_items.append(Item.in_pieces(label, snapshot, largest_trainable))
     training_items += gather
     plan.phases["optimisation"] = training_items
 
