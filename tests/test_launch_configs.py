@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 BACKENDS = {
     "multi_cpu": "DDP",
-    "fsdp": "FSDP 2",
+    "fsdp": "FSDP 2 (5 units)",  # the root and each transformer block of the policy (2) and the critic (2)
     "deepspeed_zero2": "DeepSpeed ZeRO-2",
     "deepspeed_zero3": "DeepSpeed ZeRO-3",
 }

@@ -43,12 +43,16 @@ class Backend:
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         self.is_zero3 = self.is_deepspeed and plugin.zero_stage == 3
 
-    def describe(self) -> str:
-        """One line for the run's log, e.g. 'DeepSpeed ZeRO-3 on 2 processes (cpu)'."""
+    def describe(self, model=None) -> str:
+        """One line for the run's log, e.g. 'DeepSpeed ZeRO-3 on 2 processes (cpu)'; under FSDP with the number of
+        units the prepared `model` is sharded in (one per transformer block, plus the root)."""
         if self.is_deepspeed:
             name = f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
         elif self.is_fsdp:
-            name = f"FSDP {self.accelerator.state.fsdp_plugin.fsdp_version}"
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(module, FSDPModule) for module in model.modules()) if model is not None else "?"
+            name = f"FSDP {self.accelerator.state.fsdp_plugin.fsdp_version} ({units} units)"
         elif self.accelerator.num_processes > 1:
             name = "DDP"
         else:
@@ -66,6 +70,16 @@ class Backend:
         ds_config["gradient_accumulation_steps"] = plan.micro_batches_per_step
         ds_config["train_batch_size"] = plan.micro_batch * plan.micro_batches_per_step * self.accelerator.num_processes
         ds_config["gradient_clipping"] = config.max_grad_norm if config.max_grad_norm > 0 else 0.0
+
+    def initialise(self, model, pad_token_id: int) -> None:
+        """FSDP 2 sets up its state at the first forward of the module it wrapped, which must come through that
+        root: a first forward of one of its layers (sampling calls the policy inside the trained module) would take
+        them for roots of their own. One forward of a two-token row through the root, before anything else."""
+        if not self.is_fsdp:
+            return
+        token = 1 if pad_token_id == 0 else 0
+        with torch.no_grad():
+            model(torch.full((1, 2), token, device=self.accelerator.device), pad_token_id, 1)
 
     def prepare_frozen(self, model):
         """A frozen model (the separate reference) placed for inference: under DeepSpeed through its inference

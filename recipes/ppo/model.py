@@ -44,6 +44,11 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy = policy
         self.critic = critic
+        # The blocks FSDP's transformer auto-wrap shards one by one (accelerate reads this transformers attribute):
+        # without it the whole module is one FSDP unit, gathered whole for every forward.
+        self._no_split_modules = sorted(
+            {name for model in (policy, critic) for name in getattr(model, "_no_split_modules", None) or []}
+        )
 
     @property
     def shares_trunk(self) -> bool:

@@ -127,7 +127,6 @@ class PPOTrainer:
         self.pad_token_id = tokenizer.pad_token_id
         self.phases = PhaseMeter(accelerator.device)
         self.backend = distributed.Backend(accelerator)
-        accelerator.print(f"backend: {self.backend.describe()}")
 
         model = PolicyAndValue(models.policy, models.value)
         # No dropout anywhere (TRL's choice too): PPO's ratio and KL compare the same function before and after.
@@ -142,6 +141,8 @@ class PPOTrainer:
         )  # fmt: skip
         self.backend.configure(plan, config)
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.backend.initialise(self.model, self.pad_token_id)
+        accelerator.print(f"backend: {self.backend.describe(self.model)}")
         accelerator.register_for_checkpointing(self.scheduler)
         accelerator.register_save_state_pre_hook(checkpoint.keep_trained_weights)
         self.reference = self.backend.prepare_frozen(models.reference)
