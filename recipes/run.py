@@ -29,6 +29,8 @@ def run_ppo(recipe: Recipe) -> Path:
     state = PartialState()
     training, model_args = recipe.training, recipe.model
     resume_from = checkpoint_to_resume(training.output_dir, training.resume_from_checkpoint, training.overwrite_output_dir)
+    if resume_from is not None:
+        checkpoint.check_resumable(resume_from, state.num_processes, recipe.model)
     output_dir = check_output_dir(training.output_dir, training.overwrite_output_dir, resuming=resume_from is not None)
 
     tokenizer = load_tokenizer(model_args)

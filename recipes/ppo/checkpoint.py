@@ -6,10 +6,12 @@
         recipe.yaml     the run's resolved recipe
         state/          accelerate's state: the trained weights, optimizer, LR schedule and every process's random
                         generators, sharded as the backend shards them (DeepSpeed, FSDP)
+        state_files.json  the size of every file in state/ as written
         progress.json   the update and episode counts, written last: a folder without it is incomplete
 
 A checkpoint is written to a hidden folder and renamed into place once complete; the newest `save_total_limit` are
-kept. Weights are gathered from every process before the loadable copy is written.
+kept. Weights are gathered from every process before the loadable copy is written. A checkpoint damaged after it was
+written (a state file cut short or deleted) is refused by `check_resumable` before a resumed run writes anything.
 """
 
 import json
@@ -18,14 +20,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import PreTrainedModel
 
 from recipes.errors import RecipeError
+from recipes.ppo.config import default_instance
 
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "update-"
 PROGRESS_FILE = "progress.json"
 STATE_DIR = "state"
+STATE_FILES = "state_files.json"
 VALUE_MODEL_DIR = "value_model"
 RECIPE_FILE = "recipe.yaml"
 
@@ -82,6 +87,7 @@ def save(trainer, progress) -> Path:
         if recipe.is_file():
             shutil.copy(recipe, staging / RECIPE_FILE)
         progress.wandb_run_id = progress.wandb_run_id or current_wandb_run_id()
+        (staging / STATE_FILES).write_text(json.dumps(file_sizes(staging / STATE_DIR), indent=2) + "\n")
         (staging / PROGRESS_FILE).write_text(json.dumps(asdict(progress), indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -92,6 +98,68 @@ def save(trainer, progress) -> Path:
     return final
 
 
+def file_sizes(folder: Path) -> dict[str, int]:
+    """{path relative to `folder`: size in bytes} of every file under `folder`."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ModelArguments fields that decide which weights (and optimizer states) a checkpoint holds, and their shapes.
+STATE_SHAPING_FIELDS = ("use_peft", "lora_r", "lora_target_modules", "lora_target_parameters",
+                        "lora_modules_to_save", "use_dora", "value_model_init", "value_use_peft")  # fmt: skip
+
+
+def check_resumable(path, num_processes: int, model_args=None) -> None:
+    """Refuses, naming the file or field, a checkpoint that cannot be resumed as it is: its progress file does not
+    read, a file of its state is missing or not the size it was written with (`STATE_FILES`), it was written by
+    another number of processes, or by a recipe whose models hold other weights than `model_args` (the resumed
+    run's model section) asks for (`STATE_SHAPING_FIELDS`). Reads no tensor: a run calls it before it writes
+    anything."""
+    path = Path(path)
+    what_to_do = _what_to_do(path)
+    try:
+        read_progress(path)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"resume_from_checkpoint: {path / PROGRESS_FILE} does not read ({error}): {what_to_do}")
+    state = path / STATE_DIR
+    if not state.is_dir():
+        raise RecipeError(f"resume_from_checkpoint: {state} is missing: {what_to_do}")
+    if (path / STATE_FILES).is_file():
+        found = file_sizes(state)
+        for name, size in json.loads((path / STATE_FILES).read_text()).items():
+            if name not in found:
+                raise RecipeError(f"resume_from_checkpoint: {state / name} is missing (deleted after the checkpoint "
+                                  f"was written): {what_to_do}")  # fmt: skip
+            if found[name] != size:
+                raise RecipeError(f"resume_from_checkpoint: {state / name} has {found[name]} bytes, {size} when "
+                                  f"written (cut short or changed since): {what_to_do}")  # fmt: skip
+    # accelerate writes one random_states_<process>.pkl per process.
+    writers = len(list(state.glob("random_states_*.pkl")))
+    if writers != num_processes:
+        raise RecipeError(
+            f"resume_from_checkpoint: {path} was written by {writers} process{'es' if writers != 1 else ''} and this "
+            f"run has {num_processes}: resume with {writers} (accelerate launch --num_processes {writers}); each "
+            "process continues its own random streams and share of the prompts"
+        )
+    if model_args is not None and (path / RECIPE_FILE).is_file():
+        # The saved recipe holds the fields that differ from the defaults.
+        written, defaults = yaml.safe_load((path / RECIPE_FILE).read_text()) or {}, default_instance(type(model_args))
+        for name in STATE_SHAPING_FIELDS:
+            then, now = written.get(name, getattr(defaults, name)), getattr(model_args, name)
+            if then != now:
+                raise RecipeError(
+                    f"resume_from_checkpoint: {path} was written with {name}: {then} and this recipe has {name}: "
+                    f"{now}, which holds other weights: resume with the checkpoint's own recipe "
+                    f"({path / RECIPE_FILE}), or start afresh in a new output_dir"
+                )
+
+
+def _what_to_do(path: Path) -> str:
+    earlier = [found for found in complete_checkpoints(path.parent.parent) if found.name < path.name]
+    if earlier:
+        return f"resume from the checkpoint before it with --resume_from_checkpoint {earlier[-1]}"
+    return "start afresh with --overwrite_output_dir true (or a new output_dir)"
+
+
 def load(trainer, path):
     """Restores what `save` wrote into `trainer`; returns the progress to continue from."""
     from recipes.ppo.trainer import RunProgress
@@ -100,12 +168,8 @@ def load(trainer, path):
     path = Path(path)
     if not (path / PROGRESS_FILE).is_file():
         raise RecipeError(f"resume_from_checkpoint: {path} is not a complete checkpoint (no {PROGRESS_FILE})")
+    check_resumable(path, accelerator.num_processes)
     state = path / STATE_DIR
-    if not (state / f"random_states_{accelerator.process_index}.pkl").is_file():
-        raise RecipeError(
-            f"resume_from_checkpoint: {path} was written by fewer processes than {accelerator.num_processes} "
-            "(or by an older version of the kit); resume with as many processes as the run had"
-        )
     # Frozen weights are not in the checkpoint (`keep_trained_weights`): the module keeps the ones it loaded.
     strict = {"load_module_strict": False} if trainer.backend.is_deepspeed else {"strict": False}
     try:
