@@ -8,6 +8,7 @@ field that the kit replaces is an error naming the key and the file.
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +19,14 @@ import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from recipes.errors import RecipeError
-from recipes.ppo.config import READ_TRAINING_FIELDS, REPLACED_TRAINING_FIELDS, PPOConfig, default_instance, unread_fields
+from recipes.ppo.config import (
+    READ_TRAINING_FIELDS,
+    REPLACED_TRAINING_FIELDS,
+    PPOConfig,
+    check_ranges,
+    default_instance,
+    unread_fields,
+)
 
 QUANTIZATION_MODES = ("none", "8bit", "4bit")
 
@@ -51,6 +59,20 @@ class DataArguments(ScriptArguments):
     max_train_prompts: int | None = field(default=None, metadata={"help": "Use at most this many training prompts."})
     max_eval_prompts: int | None = field(default=None, metadata={"help": "Use at most this many held-out prompts."})
 
+    def __post_init__(self):
+        check_ranges(self, DATA_RANGES)
+
+
+# An eval_fraction of 0 or 1 would leave one split empty.
+EVAL_FRACTION_RANGE = (1e-9, 1 - 1e-9, "between 0 and 1 (both excluded)")
+
+DATA_RANGES = {
+    "max_prompt_length": (1, None, "at least 1 token"),
+    "eval_fraction": EVAL_FRACTION_RANGE,
+    "max_train_prompts": (1, None, "at least 1, or null for all"),
+    "max_eval_prompts": (1, None, "at least 1, or null for all"),
+}
+
 
 @dataclass
 class PreferenceDataArguments(ScriptArguments):
@@ -69,6 +91,16 @@ class PreferenceDataArguments(ScriptArguments):
     )
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
     max_eval_pairs: int | None = field(default=None, metadata={"help": "Use at most this many validation pairs."})
+
+    def __post_init__(self):
+        check_ranges(self, PREFERENCE_DATA_RANGES)
+
+
+PREFERENCE_DATA_RANGES = {
+    "eval_fraction": EVAL_FRACTION_RANGE,
+    "max_train_pairs": (1, None, "at least 1, or null for all"),
+    "max_eval_pairs": (1, None, "at least 1, or null for all"),
+}
 
 
 @dataclass
@@ -137,6 +169,21 @@ class ModelArguments(ModelConfig):
             "the reward is their weighted sum. Default: all 1."
         },
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranges(self, LORA_RANGES)
+        if self.reward_weights and not all(math.isfinite(weight) for weight in self.reward_weights):
+            raise RecipeError(f"reward_weights: {self.reward_weights}; every weight must be a finite number")
+
+
+# TRL's ModelConfig LoRA fields, for every recipe that trains through LoRA (the policy's, the value model's and
+# the reward model's adapters).
+LORA_RANGES = {
+    "lora_r": (1, None, "at least 1"),
+    "lora_alpha": (1e-9, None, "above 0 (the adapter's output is scaled by lora_alpha / lora_r)"),
+    "lora_dropout": (0, 1 - 1e-9, "at least 0 and below 1 (1 would drop every input of the adapter)"),
+}
 
 
 # TRL's example script reads these PPOConfig fields; the kit names its models in ModelArguments instead.
@@ -256,9 +303,9 @@ class RecipeParser(TrlParser):
         if not config_file.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            config = yaml.safe_load(config_file.read_text())
+            config = yaml.load(config_file.read_text(), Loader=_RecipeLoader)
         except yaml.YAMLError as error:
-            raise RecipeError(f"{path} is not valid YAML: {_first_line(error)}") from error
+            raise RecipeError(_yaml_error(path, error)) from error
         if not isinstance(config, dict):
             raise RecipeError(f"{path} must be a YAML mapping of recipe keys to values")
         checked = {}
@@ -271,6 +318,32 @@ class RecipeParser(TrlParser):
             if key in UNSUPPORTED_VALUES and checked[key] == UNSUPPORTED_VALUES[key][0]:
                 raise RecipeError(f"{path}: '{key}: {value}': {UNSUPPORTED_VALUES[key][1]}")
         return checked
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key '{key}' is given twice (first on line {lines[key]}): keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            if isinstance(key, typing.Hashable):
+                lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(path: str, error: yaml.YAMLError) -> str:
+    """Where in the file and what: PyYAML's own message spans several lines, with the problem last."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return f"{path} is not valid YAML: {_first_line(error)}"
+    hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in problem else ""
+    return f"{path}, line {mark.line + 1}, column {mark.column + 1}: {problem}{hint}"
 
 
 def _first_line(error: BaseException) -> str:

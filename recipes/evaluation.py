@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -24,11 +24,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from recipes.config import RESOLVED_RECIPE_FILE, DataArguments, ModelArguments, RecipeParser, check_output_dir
 from recipes.config import save_resolved_config
-from recipes.data import PromptBatch, collate_prompts, load_raw_prompts, tokenize_prompts
+from recipes.data import PromptBatch, check_rows, collate_prompts, load_data_file, load_raw_prompts, tokenize_prompts
 from recipes.devices import Shard, process_device, process_state
 from recipes.errors import RecipeError
 from recipes.generation import model_device, response_logprobs, sample_responses, sampling_config
-from recipes.models import load_tokenizer, locate_model, torch_dtype
+from recipes.models import check_model_kind, load_tokenizer, locate_model, torch_dtype
+from recipes.ppo.config import check_ranges
 from recipes.ppo.core import cut_after_stop, kl_per_token, last_token_index, padding_masks
 from recipes.rewards.sources import Episodes, FunctionSource, ModelSource, RewardSource, WeightedSum
 
@@ -68,7 +69,7 @@ class EvalArguments:
         metadata={"help": "A .jsonl/.json/.csv/.parquet file with a `text` column for perplexity. Default: the "
                   "reference's own completions of the held-out prompts (scored given their prompts)."},
     )
-    dtype: str = field(
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="float32", metadata={"help": "dtype of the policy, reference and reward models (bfloat16 on GPUs)."}
     )
     response_length: int = field(default=48, metadata={"help": "Tokens sampled per completion at most."})
@@ -81,10 +82,20 @@ class EvalArguments:
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where the results go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into a non-empty output_dir."})
-    report_to: str = field(default="none", metadata={"help": "'wandb' or 'none'."})
+    report_to: Literal["wandb", "none"] = field(default="none", metadata={"help": "'wandb' or 'none'."})
     wandb_project: str = field(default="ppo-recipes", metadata={"help": "W&B project."})
     run_name: str | None = field(default=None, metadata={"help": "W&B run name."})
     wandb_tags: list[str] | None = field(default=None, metadata={"help": "W&B run tags."})
+
+    def __post_init__(self):
+        check_ranges(self, EVAL_RANGES)
+
+
+EVAL_RANGES = {
+    "response_length": (1, None, "at least 1 token"),
+    "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
+    "batch_size": (1, None, "at least 1"),
+}
 
 
 @dataclass
@@ -129,6 +140,19 @@ def load_policy_for_eval(name_or_path: str, dtype: str = "float32", device=None)
     return AutoModelForCausalLM.from_pretrained(path, **placement).eval()
 
 
+def check_policies(names: list[str], key: str) -> None:
+    """Each policy to evaluate is a language model, or a LoRA adapter whose base is one: checked before anything is
+    loaded, so that the last of several checkpoints cannot fail after the first has been evaluated."""
+    for name in names:
+        check_model_kind(name, key, "language model")
+        adapter_config = Path(name) / "adapter_config.json"
+        if adapter_config.is_file():
+            base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            if not base:
+                raise RecipeError(f"{key}: {adapter_config} does not name its base_model_name_or_path")
+            check_model_kind(base, f"{key} (the base of the adapter in {name})", "language model")
+
+
 def _device_map(device) -> dict | None:
     """Weights loaded straight onto `device` (no full copy in CPU memory first)."""
     return {"": torch.device(device)} if device is not None else None
@@ -143,7 +167,10 @@ def default_reference(policy_name_or_path: str) -> str:
         recipe = yaml.safe_load((folder / RESOLVED_RECIPE_FILE).read_text()) or {}
         if recipe.get("ref_model_name_or_path") or recipe.get("model_name_or_path"):
             return recipe.get("ref_model_name_or_path") or recipe["model_name_or_path"]
-    raise RecipeError(f"reference_name_or_path is not set and {policy_name_or_path} does not say its base model")
+    raise RecipeError(
+        f"reference_name_or_path is not set and {policy_name_or_path} does not say its base model (it holds no "
+        f"adapter_config.json or {RESOLVED_RECIPE_FILE}): set reference_name_or_path"
+    )
 
 
 def load_reward_sources(evaluation: EvalArguments, device=None) -> list[RewardSource]:
@@ -151,12 +178,11 @@ def load_reward_sources(evaluation: EvalArguments, device=None) -> list[RewardSo
     evaluation's dtype, on `device`."""
     sources = []
     for name in evaluation.reward_models or []:
+        check_model_kind(name, "reward_models", "reward model")
         path = locate_model(name, "reward_models")
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype(evaluation.dtype), device_map=_device_map(device)
         ).eval()
-        if model.config.num_labels != 1:
-            raise RecipeError(f"reward_models: '{name}' has {model.config.num_labels} labels; it needs one")
         sources.append(ModelSource(model, AutoTokenizer.from_pretrained(path), name=Path(name).name))
     sources += [FunctionSource.from_spec(spec) for spec in evaluation.reward_functions or []]
     if not sources:
@@ -476,8 +502,10 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
     policies = evaluation.checkpoints or ([evaluation.policy_name_or_path] if evaluation.policy_name_or_path else [])
     if not policies:
         raise RecipeError("policy_name_or_path is not set (or give checkpoints)")
+    check_policies(policies, "checkpoints" if evaluation.checkpoints else "policy_name_or_path")
     output_dir = check_output_dir(evaluation.output_dir, evaluation.overwrite_output_dir)
     reference_name = evaluation.reference_name_or_path or default_reference(policies[0])
+    check_model_kind(reference_name, "reference_name_or_path", "language model")
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=_tokenizer_source(policies[0], reference_name)))
     device = process_device(state)
     sources = load_reward_sources(evaluation, device)
@@ -514,16 +542,10 @@ def _tokenizer_source(policy: str, reference: str) -> str:
 
 
 def _load_texts(path: str) -> list[str]:
-    from datasets import load_dataset
-
-    from recipes.data import FILE_FORMATS
-
-    suffix = Path(path).suffix
-    if suffix not in FILE_FORMATS or not Path(path).is_file():
-        raise RecipeError(f"perplexity_texts: no .jsonl/.json/.csv/.parquet file at {path}")
-    dataset = load_dataset(FILE_FORMATS[suffix], data_files=path, split="train")
+    dataset = load_data_file(path, "perplexity_texts")
     if "text" not in dataset.column_names:
         raise RecipeError(f"perplexity_texts: {path} has no 'text' column (columns: {dataset.column_names})")
+    check_rows(dataset, {"text": "text"}, f"perplexity_texts: {path}")
     return list(dataset["text"])
 
 

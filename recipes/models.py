@@ -1,6 +1,7 @@
 """Loading the tokenizer and the four PPO models (policy, reference, value, reward) as a recipe describes them."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -98,6 +99,7 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 
 def load_policy(model_args: ModelArguments) -> PreTrainedModel:
     quantization = quantization_config(policy_quantization(model_args), "load_in_4bit/load_in_8bit", model_args)
+    check_model_kind(model_args.model_name_or_path, "model_name_or_path", "language model")
     return _from_pretrained(
         AutoModelForCausalLM,
         model_args.model_name_or_path,
@@ -122,6 +124,7 @@ def load_reference_model(model_args: ModelArguments) -> PreTrainedModel | None:
         return None
     name = model_args.ref_model_name_or_path or model_args.model_name_or_path
     quantization = quantization_config(model_args.ref_quantization, "ref_quantization", model_args)
+    check_model_kind(name, "ref_model_name_or_path", "language model")
     reference = _from_pretrained(
         AutoModelForCausalLM, name, "ref_model_name_or_path", **_model_kwargs(model_args, quantization)
     )
@@ -192,7 +195,7 @@ def load_reward(model_args: ModelArguments, with_critic: bool = True) -> RewardS
 def _load_sequence_classifier(model_args: ModelArguments) -> PreTrainedModel:
     """The reward model, frozen."""
     name = model_args.reward_model_name_or_path
-    _check_single_label(name, "reward_model_name_or_path")
+    check_model_kind(name, "reward_model_name_or_path", "reward model")
     quantization = quantization_config(model_args.reward_quantization, "reward_quantization", model_args)
     reward = _from_pretrained(
         AutoModelForSequenceClassification, name, "reward_model_name_or_path", **_model_kwargs(model_args, quantization)
@@ -212,7 +215,7 @@ def load_value_model(
         name, key = model_args.reward_model_name_or_path, "reward_model_name_or_path"
         if not name:
             raise RecipeError("reward_model_name_or_path is not set (value_model_init: reward_model needs it)")
-        _check_single_label(name, key)
+        check_model_kind(name, key, "reward model")
     else:
         name, key = model_args.model_name_or_path, "model_name_or_path"
     value = _from_pretrained(
@@ -234,12 +237,31 @@ def _value_lora_config(model_args: ModelArguments) -> LoraConfig:
     )
 
 
-def _check_single_label(name: str, key: str) -> None:
-    config = AutoConfig.from_pretrained(locate_model(name, key))
-    if config.num_labels != 1:
+def check_model_kind(name: str, key: str, kind: str) -> None:
+    """Reads the config of the model `key` names, before any weight is loaded: a 'language model' (what a policy or
+    reference is: not a classifier, whose missing LM head would load as random weights) or a 'reward model' (a
+    sequence classifier with one label). A LoRA adapter folder is checked when its base is loaded."""
+    path = locate_model(name, key)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        return
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise RecipeError(f"{key}: '{name}' is not a model folder or hub model (no usable config.json)") from error
+    architectures = config.architectures or []
+    classifier = any(architecture.endswith("ForSequenceClassification") for architecture in architectures)
+    if kind == "language model" and classifier:
         raise RecipeError(
-            f"{key}: '{name}' has {config.num_labels} labels; PPO needs a reward model with one score (num_labels=1)"
+            f"{key}: '{name}' is a classifier ({', '.join(architectures)}), not a language model that writes text; "
+            "name a causal LM (...ForCausalLM)"
         )
+    if kind == "reward model" and architectures and not classifier:
+        raise RecipeError(
+            f"{key}: '{name}' is {', '.join(architectures)}, not a reward model (a ...ForSequenceClassification with "
+            "one label): train one with scripts/train_reward.py"
+        )
+    if kind == "reward model" and config.num_labels != 1:
+        raise RecipeError(f"{key}: '{name}' has {config.num_labels} labels; a reward model has one score (num_labels=1)")
 
 
 def _model_kwargs(model_args: ModelArguments, quantization: BitsAndBytesConfig | None, revision="main") -> dict:

@@ -9,13 +9,14 @@ The preference builder writes its pairs to `dataset_name`, the folder the traine
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from trl import ModelConfig, RewardConfig
 
-from recipes.config import PreferenceDataArguments, RecipeParser, resolved_config, save_resolved_config
+from recipes.config import LORA_RANGES, PreferenceDataArguments, RecipeParser, resolved_config, save_resolved_config
 from recipes.devices import apply_cpu_defaults
 from recipes.errors import RecipeError
+from recipes.ppo.config import TRAINING_RANGES, check_ranges
 
 DEFAULT_POLICY = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -28,7 +29,7 @@ class PreferenceArguments:
     policy_name_or_path: str = field(
         default=DEFAULT_POLICY, metadata={"help": "Causal LM whose completions are compared: a folder or hub id."}
     )
-    policy_dtype: str = field(
+    policy_dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
         default="float32",
         metadata={"help": "dtype the policy samples in: float32 or bfloat16 (faster on CPUs with bf16)."},
     )
@@ -67,6 +68,20 @@ class PreferenceArguments:
         default=False, metadata={"help": "Replace the preference files already in `dataset_name`."}
     )
 
+    def __post_init__(self):
+        check_ranges(self, PREFERENCE_RANGES)
+
+
+PREFERENCE_RANGES = {
+    "max_train_prompts": (1, None, "at least 1, or null for all"),
+    "max_test_prompts": (1, None, "at least 1, or null for all"),
+    "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
+    "completions_per_prompt": (2, None, "at least 2 (a pair compares two)"),
+    "max_new_tokens": (1, None, "at least 1 token"),
+    "generation_batch_size": (1, None, "at least 1"),
+    "min_score_gap": (0, None, "at least 0 (0 keeps ties too)"),
+}
+
 
 @dataclass
 class RewardModelArguments(ModelConfig):
@@ -90,6 +105,10 @@ class RewardModelArguments(ModelConfig):
             "an unused special token when the tokenizer pads with EOS."
         },
     )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ranges(self, {**LORA_RANGES, "num_hidden_layers": (1, None, "at least 1, or null for all")})
 
 
 @dataclass
@@ -135,8 +154,17 @@ class RewardTrainingArguments(RewardConfig):
     pad_token: str | None = field(default=None, init=False)
 
     def __post_init__(self):
+        # Before TrainingArguments' own checks, some of which fail on such values with a bare ZeroDivisionError.
+        check_ranges(self, REWARD_TRAINING_RANGES)
         apply_cpu_defaults(self)
         super().__post_init__()
+
+
+REWARD_TRAINING_RANGES = {
+    **TRAINING_RANGES,
+    "max_length": (1, None, "at least 1 token, or null for no limit"),
+    "center_rewards_coefficient": (0, None, "at least 0"),
+}
 
 
 # RewardConfig fields whose job the kit does itself; setting them would be silently overruled.

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
-from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -74,8 +73,6 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     started = time.monotonic()
     state = process_state()
     args = recipe.preferences
-    if args.completions_per_prompt < 2:
-        raise RecipeError(f"completions_per_prompt: {args.completions_per_prompt}; a pair needs at least 2")
     output_dir = _check_preferences_dir(recipe.data.dataset_name, args.overwrite_preferences)
     gold = FunctionSource.from_spec(args.gold_reward, "gold_reward")
     policy_args = ModelArguments(
@@ -85,7 +82,7 @@ def build_preferences(recipe: RewardRecipe) -> PreferenceSummary:
     prompt_args = DataArguments(
         dataset_name=args.prompts_name, prompt_column=args.prompts_column, prompt_as_user_message=True
     )
-    splits = load_raw_prompts(prompt_args, seed=args.sampling_seed)
+    splits = load_raw_prompts(prompt_args, seed=args.sampling_seed, key="prompts_name")
     if args.prompts_column not in splits["train"].column_names:
         raise RecipeError(
             f"prompts_column: '{args.prompts_name}' has no column '{args.prompts_column}' "
@@ -214,10 +211,3 @@ def preference_rows(
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
-
-def read_preference_file(path: str | Path) -> Dataset:
-    """A preference .jsonl file as a Dataset (the centring reference, or one split)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"preference file not found: {path}")
-    return Dataset.from_json(str(path))

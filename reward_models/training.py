@@ -29,14 +29,13 @@ from peft import get_peft_model
 from trl import RewardTrainer, get_peft_config
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-from recipes.data import load_raw_prompts
+from recipes.data import load_data_file, load_raw_prompts
 from recipes.errors import RecipeError
 from recipes.models import load_tokenizer, locate_model, torch_dtype
 from recipes.ppo.distributed import fsdp_on_cpu
 from recipes.config import METRICS_FILE, RESOLVED_RECIPE_FILE, check_output_dir
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
 from reward_models.config import PreferenceDataArguments, RewardModelArguments, RewardRecipe
-from reward_models.preferences import read_preference_file
 from recipes.rewards.sources import (
     SCORING_BATCH_SIZE,
     last_token_hidden_states,
@@ -422,7 +421,7 @@ def train_reward_model(recipe: RewardRecipe) -> RewardTrainingResult:
     if training.center_rewards or training.normalize_rewards:
         if training.center_rewards_reference:
             reference_pairs = tokenize_pairs(
-                read_preference_file(training.center_rewards_reference), tokenizer,
+                load_data_file(training.center_rewards_reference, "center_rewards_reference"), tokenizer,
                 f"center_rewards_reference: {training.center_rewards_reference}",
             )
         else:

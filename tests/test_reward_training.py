@@ -210,7 +210,7 @@ def test_preference_builder_writes_well_formed_deterministic_pairs(tiny_models, 
     # Three completions per prompt, no gap: every two of them make a pair.
     summary = build(tmp_path / "three", "--completions_per_prompt", "3")
     assert {name: split.pairs for name, split in summary.splits.items()} == {"train": 18, "test": 12}
-    with pytest.raises(RecipeError, match="completions_per_prompt: 1; a pair needs at least 2"):
+    with pytest.raises(RecipeError, match="completions_per_prompt: 1 is out of range; it must be at least 2"):
         build(tmp_path / "one", "--completions_per_prompt", "1")
     assert not (tmp_path / "one").exists()
 

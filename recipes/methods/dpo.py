@@ -11,6 +11,7 @@ LoRA) and TRL's `DPOConfig` with the kit's run fields.
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import trl
 from accelerate import PartialState
@@ -35,6 +36,7 @@ from recipes.methods.trl_wiring import (
     save_and_close,
 )
 from recipes.models import load_policy, load_tokenizer
+from recipes.ppo.config import TRAINING_RANGES
 from recipes.tracking import MetricsFileCallback
 
 DEFAULT_DPO_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m" / "dpo.yaml")
@@ -48,6 +50,13 @@ class DPOConfig(KitRunFields, trl.DPOConfig):
 
     # TRL's deprecated alias of the tokenizer's pad token; the kit's is `pad_token` in the model section.
     pad_token: str | None = field(default=None, init=False)
+
+    RANGES: ClassVar[dict] = {
+        **TRAINING_RANGES,
+        "beta": (1e-9, None, "above 0 (the loss scales the policy's log-ratios by it; below 0 it learns the "
+                 "rejected side)"),
+        "max_length": (1, None, "at least 1 token, or null for no limit"),
+    }
 
 
 DPO_NOT_READ = {

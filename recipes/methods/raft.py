@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from accelerate import PartialState
@@ -37,7 +38,6 @@ from recipes.methods.trl_wiring import (
     save_and_close,
 )
 from recipes.models import describe_reward, load_policy_for_training, load_reward, load_tokenizer
-from recipes.ppo.config import check_ranges
 from recipes.ppo.core import cut_after_stop
 from recipes.ppo.trainer import PromptOrder
 from recipes.rewards.sources import Episodes, ModelSource, RewardSource, WeightedSum
@@ -76,19 +76,16 @@ class RAFTConfig(SFTConfig):
         default="no", metadata={"help": "RAFT saves the policy after every round itself (rounds/round-<n>)."}
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_ranges(self, RAFT_RANGES)
-
-
-RAFT_RANGES = {
-    "total_episodes": (1, None, "at least 1"),
-    "num_rounds": (1, None, "at least 1"),
-    "completions_per_prompt": (1, None, "at least 1"),
-    "response_length": (1, None, "at least 1 token"),
-    "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
-    "local_rollout_forward_batch_size": (1, None, "at least 1"),
-}
+    RANGES: ClassVar[dict] = {
+        **SFTConfig.RANGES,
+        "total_episodes": (1, None, "at least 1"),
+        "num_rounds": (1, None, "at least 1"),
+        "completions_per_prompt": (1, None, "at least 1"),
+        "min_best_score": (None, None, "a finite number, or null"),
+        "response_length": (1, None, "at least 1 token"),
+        "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
+        "local_rollout_forward_batch_size": (1, None, "at least 1"),
+    }
 
 RAFT_NOT_READ = {
     **PPO_ONLY_MODEL_FIELDS,

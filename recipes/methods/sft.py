@@ -12,6 +12,7 @@ tokenizer's chat template; the loss is on every token of the example (TRL's defa
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import trl
 from accelerate import PartialState
@@ -20,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import ScriptArguments
 
 from recipes import REPO_ROOT
-from recipes.config import METRICS_FILE, ModelArguments, check_output_dir
+from recipes.config import EVAL_FRACTION_RANGE, METRICS_FILE, ModelArguments, check_output_dir
 from recipes.data import load_raw_prompts
 from recipes.errors import RecipeError
 from recipes.methods.trl_wiring import (
@@ -35,6 +36,7 @@ from recipes.methods.trl_wiring import (
     save_and_close,
 )
 from recipes.models import load_policy_for_training, load_tokenizer
+from recipes.ppo.config import TRAINING_RANGES, check_ranges
 from recipes.tracking import MetricsFileCallback
 
 DEFAULT_SFT_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m" / "sft.yaml")
@@ -62,6 +64,13 @@ class SFTDataArguments(ScriptArguments):
     max_train_examples: int | None = field(default=None, metadata={"help": "Use at most this many examples."})
     max_eval_examples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many."})
 
+    def __post_init__(self):
+        check_ranges(self, {
+            "eval_fraction": EVAL_FRACTION_RANGE,
+            "max_train_examples": (1, None, "at least 1, or null for all"),
+            "max_eval_examples": (1, None, "at least 1, or null for all"),
+        })  # fmt: skip
+
 
 @dataclass
 class SFTConfig(KitRunFields, trl.SFTConfig):
@@ -69,6 +78,8 @@ class SFTConfig(KitRunFields, trl.SFTConfig):
 
     # TRL's deprecated alias of the tokenizer's pad token; the kit's is `pad_token` in the model section.
     pad_token: str | None = field(default=None, init=False)
+
+    RANGES: ClassVar[dict] = {**TRAINING_RANGES, "max_length": (1, None, "at least 1 token, or null for no limit")}
 
 
 SFT_NOT_READ = {

@@ -16,7 +16,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from accelerate import PartialState
@@ -37,7 +37,7 @@ from recipes.data import load_prompts
 from recipes.devices import apply_cpu_defaults
 from recipes.errors import RecipeError
 from recipes.models import describe_reward, load_policy, load_reward, load_tokenizer, reference_mode
-from recipes.ppo.config import check_ranges, default_instance
+from recipes.ppo.config import TRAINING_RANGES, check_ranges, default_instance
 from recipes.ppo.distributed import Backend
 from recipes.rewards.sources import Episodes, RewardSource
 from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_run
@@ -48,8 +48,11 @@ from recipes.tracking import MetricsFileCallback, finish_wandb_run, start_wandb_
 
 @dataclass
 class KitRunFields:
-    """The run fields every method adds to its TRL config (as the PPO and reward recipes do), and the kit's CPU
-    defaults. Listed first among a method config's bases, so that its fields win."""
+    """The run fields every method adds to its TRL config (as the PPO and reward recipes do), the ranges of its
+    numbers (`RANGES`, as `recipes.ppo.config.check_ranges` reads them) and the kit's CPU defaults. Listed first
+    among a method config's bases, so that its fields win."""
+
+    RANGES: ClassVar[dict] = TRAINING_RANGES
 
     overwrite_output_dir: bool = field(
         default=False,
@@ -64,6 +67,9 @@ class KitRunFields:
     )
 
     def __post_init__(self):
+        # Before TRL's and TrainingArguments' own checks, some of which fail on such values with a bare
+        # ZeroDivisionError or only once training has started.
+        check_ranges(self, self.RANGES)
         apply_cpu_defaults(self)
         super().__post_init__()
 
@@ -83,13 +89,25 @@ class OnlineRunFields(KitRunFields):
                   "Default: TRL's max_steps or num_train_epochs."},
     )
 
+    RANGES: ClassVar[dict] = {
+        **TRAINING_RANGES,
+        "total_episodes": (1, None, "at least 1"),
+        "num_generations": (2, None, "at least 2 (a completion's advantage compares it with its prompt's others)"),
+        "max_completion_length": (1, None, "at least 1 token"),
+        "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
+        "beta": (0, None, "at least 0 (0: no KL term)"),
+        "num_iterations": (1, None, "at least 1"),
+        "epsilon": (1e-9, None, "above 0"),
+        "generation_batch_size": (1, None, "at least 1"),
+        "steps_per_generation": (1, None, "at least 1"),
+    }
+
     def __post_init__(self):
         given = {name for name in GENERATION_BATCH_FIELDS if getattr(self, name) is not None}
         super().__post_init__()
         # Derived values depend on the number of processes: a saved recipe keeps only what was given.
         self._derived_fields = [name for name in GENERATION_BATCH_FIELDS if name not in given]
         if self.total_episodes is not None:
-            check_ranges(self, {"total_episodes": (1, None, "at least 1")})
             if self.max_steps > 0:
                 raise RecipeError("total_episodes and max_steps are both set: give the budget as one of them")
             self.max_steps = GenerationPlan.of(self).optimizer_steps

@@ -177,42 +177,49 @@ def default_instance(config_class: type):
 
 def check_ranges(config, ranges: dict[str, tuple[float | None, float | None, str]]) -> None:
     """Raises a RecipeError naming the first field of `config` outside its range: {field: (low, high, what)},
-    bounds inclusive, None unbounded, a None value accepted (the field is unset)."""
+    bounds inclusive, None unbounded, a None value accepted (the field is unset); NaN and infinity never are."""
     for name, (low, high, what) in ranges.items():
         value = getattr(config, name)
         if value is None or isinstance(value, bool):
             continue
-        if (low is not None and value < low) or (high is not None and value > high) or math.isnan(value):
+        if (low is not None and value < low) or (high is not None and value > high) or not math.isfinite(value):
             raise RecipeError(f"{name}: {value} is out of range; it must be {what}")
 
 
-PPO_RANGES = {
+# Ranges of the transformers `TrainingArguments` fields the kit's trainers read: PPO's engine, and TRL's trainers
+# (reward model, SFT, DPO, RLOO, GRPO, RAFT), whose configs add their own (`recipes.methods`, `reward_models.config`).
+TRAINING_RANGES = {
     "per_device_train_batch_size": (1, None, "at least 1"),
     "per_device_eval_batch_size": (1, None, "at least 1"),
     "gradient_accumulation_steps": (1, None, "at least 1"),
+    "num_train_epochs": (1e-9, None, "above 0"),
+    "learning_rate": (0, None, "at least 0"),
+    "max_grad_norm": (0, None, "at least 0 (0: no clipping)"),
+    "save_steps": (1e-9, None, "above 0"),
+    "save_total_limit": (1, None, "at least 1, or null to keep every checkpoint"),
+    "logging_steps": (1e-9, None, "above 0"),
+    "warmup_steps": (0, None, "at least 0"),
+    "weight_decay": (0, None, "at least 0"),
+}
+
+PPO_RANGES = {
+    **TRAINING_RANGES,
+    "num_train_epochs": (0, None, "at least 0 (total_episodes, when set, is the budget)"),
     "num_mini_batches": (1, None, "at least 1"),
     "num_ppo_epochs": (1, None, "at least 1"),
     "total_episodes": (1, None, "at least 1"),
-    "num_train_epochs": (0, None, "at least 0"),
     "local_rollout_forward_batch_size": (1, None, "at least 1"),
     "num_sample_generations": (0, None, "at least 0"),
     "response_length": (1, None, "at least 1 token"),
     "temperature": (1e-6, None, "above 0 (sampling divides the logits by it)"),
-    "learning_rate": (0, None, "at least 0"),
     "kl_coef": (0, None, "at least 0"),
     "cliprange": (1e-9, None, "above 0"),
     "cliprange_value": (1e-9, None, "above 0"),
     "vf_coef": (0, None, "at least 0"),
     "gamma": (0, 1, "between 0 and 1"),
     "lam": (0, 1, "between 0 and 1"),
-    "max_grad_norm": (0, None, "at least 0 (0: no clipping)"),
-    "save_steps": (1e-9, None, "above 0"),
-    "save_total_limit": (1, None, "at least 1, or null to keep every checkpoint"),
     "max_nonfinite_updates": (1, None, "at least 1"),
     "eval_every_updates": (0, None, "at least 0 (0: never)"),
-    "logging_steps": (1e-9, None, "above 0"),
-    "warmup_steps": (0, None, "at least 0"),
-    "weight_decay": (0, None, "at least 0"),
 }
 
 

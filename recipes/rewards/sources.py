@@ -95,8 +95,18 @@ class FunctionSource(RewardSource):
         return cls(function, name=function_name)
 
     def score(self, episodes: Episodes) -> Scores:
-        scores = torch.as_tensor(self.function(episodes.prompts, episodes.completions), dtype=torch.float32)
-        scores = scores.flatten().cpu()
+        try:
+            returned = self.function(episodes.prompts, episodes.completions)
+        except Exception as error:  # the user's code: whatever it raises is one error line naming the function
+            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise RecipeError(f"reward function '{self.name}' raised {type(error).__name__}: {text}") from error
+        try:
+            scores = torch.as_tensor(returned, dtype=torch.float32).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise RecipeError(
+                f"reward function '{self.name}' returned {type(returned).__name__} {str(returned)[:60]}, not one "
+                f"number per completion"
+            ) from error
         if scores.numel() != len(episodes):
             raise RecipeError(
                 f"reward function '{self.name}' returned {scores.numel()} scores for {len(episodes)} completions"
