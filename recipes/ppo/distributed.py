@@ -80,6 +80,9 @@ class Backend:
         token = 1 if pad_token_id == 0 else 0
         with torch.no_grad():
             model(torch.full((1, 2), token, device=self.accelerator.device), pad_token_id, 1)
+        # The root keeps its weights gathered after a forward (for the backward that usually follows); a checkpoint
+        # loaded now would meet whole tensors where it expects shards.
+        model.reshard()
 
     def prepare_frozen(self, model):
         """A frozen model (the separate reference) placed for inference: under DeepSpeed through its inference
