@@ -487,6 +487,15 @@ class ModelMemory:
             quantized = linear * dtype_bytes
         return quantized + rest + self.extra_bytes()
 
+    def root_bytes(self) -> int:
+        """Weights outside the decoder layers: the embedding, the final norm and the head."""
+        arch = self.architecture
+        return (arch.embedding_params + arch.hidden_size + arch.head_params(self.head)) * DTYPE_BYTES[self.dtype]
+
+    def layer_bytes(self) -> int:
+        """One decoder layer's weights, its adapters included (what `weight_bytes` holds besides the root)."""
+        return math.ceil((self.weight_bytes() - self.root_bytes()) / self.architecture.num_layers)
+
     def extra_bytes(self) -> int:
         if not self.extra_params:
             return 0
@@ -783,9 +792,14 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         reward_gather = [gathered_item(f"{m.role} weights gathered", [m]) for m in models
                          if m.role in ("reference", "reward")]  # fmt: skip
     elif strategy == "fsdp":
-        # accelerate wraps FSDP units by the model's `_no_split_modules`, which the engine's PolicyAndValue does not
-        # declare: the trained module is one unit, gathered whole by each of its forwards and for sampling.
-        gather = [Item("policy + value weights gathered whole (one FSDP unit)", whole_trained, large_tensors(trained))]
+        # accelerate wraps an FSDP unit around each decoder layer (PolicyAndValue declares its models' layer classes
+        # as `_no_split_modules`) and one around the rest, the root: embeddings, final norms, LM head, score. A
+        # forward gathers the root and keeps it until its backward (or, for sampling, the whole call), and one layer
+        # at a time with the next one prefetched.
+        root = sum(m.root_bytes() for m in trained)
+        layers = 2 * max(m.layer_bytes() for m in trained)
+        label = "policy + value weights gathered (the root unit, and a layer with the next prefetched)"
+        gather = [Item(label, root + layers, large_tensors(trained))]
     sampling_weights = gather
     if strategy == "zero3" and training.ds3_gather_for_generation:
         sampling_weights = [Item("policy + value weights gathered for sampling", whole_trained, large_tensors(trained))]

@@ -180,8 +180,9 @@ def test_sharding(tiny_config_folders):
 
 def test_backends_as_the_engine_meets_them(tiny_config_folders):
     """ZeRO-3 holds every model in the launch's precision (fp32 without bf16), and gathers a model below DeepSpeed's
-    live-parameter limit whole; FSDP gathers the trained module whole (one unit: PolicyAndValue declares no
-    `_no_split_modules`); on CPU processes DDP's first broadcast and FSDP's unsharded load stay in the heap."""
+    live-parameter limit whole; FSDP gathers the root unit of the trained module (embeddings, final norms, heads)
+    and a decoder layer with the next one prefetched (PolicyAndValue declares its models' layers as units); on CPU
+    processes DDP's first broadcast and FSDP's unsharded load stay in the heap."""
     lora = LAYERS * (8 * (H + Q) + 8 * (H + KV))
     trained = CAUSAL_PARAMS * 4 + lora * 4 + CLASSIFIER_PARAMS * 4  # the tiny recipe: fp32 policy, critic in full
     zero3 = plan_of(tiny_config_folders, "--dtype", "bfloat16", parallel=Parallelism("zero3", 2, 2, "gpu", "test"))
@@ -191,8 +192,11 @@ def test_backends_as_the_engine_meets_them(tiny_config_folders):
     assert zero3["phases"]["optimisation"][label] == trained
     assert zero3["phases"]["scoring"]["reward weights gathered"] == CLASSIFIER_PARAMS * 4
     fsdp = plan_of(tiny_config_folders, parallel=Parallelism("fsdp", 2, 2, "gpu", "test"))
+    root = (2 * (VOCAB * H + H) + H) * 4  # two fp32 embeddings (the policy's head tied) and final norms, the score
+    largest_layer = (CAUSAL_PARAMS * 4 + lora * 4 - (VOCAB * H + H) * 4) // LAYERS
+    label = "policy + value weights gathered (the root unit, and a layer with the next prefetched)"
     for phase in ("generation", "scoring", "optimisation"):
-        assert fsdp["phases"][phase]["policy + value weights gathered whole (one FSDP unit)"] == trained
+        assert fsdp["phases"][phase][label] == root + 2 * largest_layer
     ddp_cpu = plan_of(tiny_config_folders, parallel=Parallelism("ddp", 2, 2, "cpu", "test"))
     assert ddp_cpu["static"]["copies of DDP's first broadcast of the weights, kept by the allocator"] == trained
     fsdp_cpu = plan_of(tiny_config_folders, parallel=Parallelism("fsdp", 2, 2, "cpu", "test"))

@@ -393,6 +393,7 @@ def main() -> None:
             "model_config": asdict(model_args),
             "lora": peft_config.to_dict() if peft_config else None,  # sets are written as lists (json_default)
             "ppo_config": training_args.to_dict(),
+            "folders_loaded": {"policy": policy_path, "tokenizer": tokenizer_path, "value_and_reward": reward_path},
             "data": {"train_prompts": len(train_dataset), "eval_prompts": len(eval_dataset)},
             "observed": setup,
         },
