@@ -28,6 +28,7 @@ from recipes.methods.trl_wiring import (
     REWARD_MODEL_FIELDS,
     KitRunFields,
     MethodRecipe,
+    capped_splits,
     check_reference,
     describe_policy,
     describe_steps,
@@ -88,15 +89,7 @@ def load_pairs(data_args: PreferenceDataArguments, seed: int) -> tuple[Dataset, 
         )
     kept = [column for column in ("prompt", *PAIR_COLUMNS) if column in columns]
     limits = {"train": data_args.max_train_pairs, "eval": data_args.max_eval_pairs}
-    splits = {}
-    for split, dataset in raw.items():
-        dataset = dataset.select_columns(kept)
-        if limits[split] is not None:
-            dataset = dataset.select(range(min(limits[split], len(dataset))))
-        splits[split] = dataset
-    if len(splits["train"]) == 0:
-        raise RecipeError(f"dataset_name: '{data_args.dataset_name}' has no training pairs")
-    return splits["train"], splits["eval"]
+    return capped_splits(raw, kept, limits, data_args.dataset_name, "pairs")
 
 
 def run_dpo(recipe: MethodRecipe) -> Path:

@@ -29,6 +29,7 @@ from recipes.methods.trl_wiring import (
     REWARD_MODEL_FIELDS,
     KitRunFields,
     MethodRecipe,
+    capped_splits,
     describe_policy,
     describe_steps,
     open_outputs,
@@ -108,15 +109,8 @@ def load_examples(data_args: SFTDataArguments, text_field: str, seed: int) -> tu
             f"(messages_column) nor a '{text_field}' column (dataset_text_field); columns: {columns}"
         )
     limits = {"train": data_args.max_train_examples, "eval": data_args.max_eval_examples}
-    splits = {}
-    for split, dataset in raw.items():
-        dataset = dataset.select_columns([column]).rename_columns({column: renamed} if column != renamed else {})
-        if limits[split] is not None:
-            dataset = dataset.select(range(min(limits[split], len(dataset))))
-        splits[split] = dataset
-    if len(splits["train"]) == 0:
-        raise RecipeError(f"dataset_name: '{data_args.dataset_name}' has no training examples")
-    return splits["train"], splits["eval"]
+    rename = {column: renamed} if column != renamed else {}
+    return capped_splits(raw, [column], limits, data_args.dataset_name, "examples", rename)
 
 
 def sft_trainer(

@@ -341,6 +341,21 @@ def policy_tokens(prompt_ids: list[list[int]], completion_ids: list[list[int]], 
     return rows
 
 
+def capped_splits(raw: dict, columns: list[str], limits: dict, dataset_name: str, what: str,
+                  rename: dict | None = None) -> tuple[Dataset, Dataset]:
+    """(train, held-out) from `raw` ({"train", "eval"}): only `columns` (renamed by `rename`), each split cut to
+    its entry in `limits` (None: all of it); an empty training split is refused, naming the `what` it lacks."""
+    splits = {}
+    for split, dataset in raw.items():
+        dataset = dataset.select_columns(columns).rename_columns(rename or {})
+        if limits[split] is not None:
+            dataset = dataset.select(range(min(limits[split], len(dataset))))
+        splits[split] = dataset
+    if len(splits["train"]) == 0:
+        raise RecipeError(f"dataset_name: '{dataset_name}' has no training {what}")
+    return splits["train"], splits["eval"]
+
+
 def trl_prompt_dataset(prompts: Dataset) -> Dataset:
     """The kit's tokenised prompts (`recipes.data.load_prompts`: `input_ids`, `prompt`, `messages`) as TRL's online
     trainers read them: `prompt` holds the chat turns when the kit renders them with the chat template (TRL then
