@@ -310,7 +310,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=12)
     parser.add_argument("--workdir", default="outputs/bench")
-    parser.add_argument("--only", choices=[c.name for c in CONFIGURATIONS], nargs="*")
+    parser.add_argument("--only", choices=[c.name for c in CONFIGURATIONS], nargs="*",
+                        help="rerun these configurations; the others' figures are kept from bench/results.json "
+                        "when it holds them for the same number of updates")
     args = parser.parse_args()
     if not (KIT_ROOT / REWARD_MODEL / "config.json").is_file():
         sys.exit(f"{REWARD_MODEL} is missing: run `make reward-model` (make bench does)")
@@ -328,6 +330,11 @@ def main() -> None:
         "matmul_peak_gflop_per_s": {k: v / 1e9 for k, v in peaks.items()},
         "configurations": {},
     }
+    previous = KIT_ROOT / "bench" / "results.json"
+    if args.only and previous.is_file():
+        kept = json.loads(previous.read_text())
+        if kept.get("updates") == args.updates:
+            results["configurations"] = {k: v for k, v in kept["configurations"].items() if k not in args.only}
     for config in CONFIGURATIONS:
         if args.only and config.name not in args.only:
             continue
@@ -335,6 +342,8 @@ def main() -> None:
         add_flops(result, config, policy, critic, peaks)
         results["configurations"][config.name] = result
         print(json.dumps(result, indent=1), flush=True)
+    results["configurations"] = {c.name: results["configurations"][c.name] for c in CONFIGURATIONS
+                                 if c.name in results["configurations"]}  # fmt: skip
     out = KIT_ROOT / "bench"
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if len(results["configurations"]) == len(CONFIGURATIONS):

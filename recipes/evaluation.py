@@ -28,7 +28,7 @@ from recipes.data import PromptBatch, check_rows, collate_prompts, load_data_fil
 from recipes.devices import Shard, process_device, process_state
 from recipes.errors import RecipeError
 from recipes.generation import model_device, response_logprobs, sample_responses, sampling_config
-from recipes.models import check_model_kind, load_tokenizer, locate_model, torch_dtype
+from recipes.models import check_model_kind, contiguous_lm_head_input, load_tokenizer, locate_model, torch_dtype
 from recipes.ppo.config import check_ranges
 from recipes.ppo.core import cut_after_stop, kl_per_token, last_token_index, padding_masks
 from recipes.rewards.sources import Episodes, FunctionSource, ModelSource, RewardSource, WeightedSum
@@ -135,9 +135,9 @@ def load_policy_for_eval(name_or_path: str, dtype: str = "float32", device=None)
     if adapter_config.is_file():
         base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         base = AutoModelForCausalLM.from_pretrained(locate_model(base_name, "base_model_name_or_path"), **placement)
-        return PeftModel.from_pretrained(base, name_or_path).eval()
+        return PeftModel.from_pretrained(contiguous_lm_head_input(base), name_or_path).eval()
     path = locate_model(name_or_path, "policy_name_or_path")
-    return AutoModelForCausalLM.from_pretrained(path, **placement).eval()
+    return contiguous_lm_head_input(AutoModelForCausalLM.from_pretrained(path, **placement)).eval()
 
 
 def check_policies(names: list[str], key: str) -> None:
@@ -515,7 +515,8 @@ def run_evaluation(data_args: DataArguments, evaluation: EvalArguments, source: 
         locate_model(reference_name, "reference_name_or_path"),
         dtype=torch_dtype(evaluation.dtype),
         device_map=_device_map(device),
-    ).eval()
+    )
+    reference = contiguous_lm_head_input(reference).eval()
     shard = Shard.of(state)
     # Every process has checked the input before the main one writes into the output folder.
     state.wait_for_everyone()

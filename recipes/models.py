@@ -75,7 +75,24 @@ def policy_quantization(model_args: ModelArguments) -> str:
 
 
 def _from_pretrained(auto_class, name_or_path: str, key: str, **kwargs) -> PreTrainedModel:
-    return auto_class.from_pretrained(locate_model(name_or_path, key, kwargs.get("revision")), **kwargs)
+    model = auto_class.from_pretrained(locate_model(name_or_path, key, kwargs.get("revision")), **kwargs)
+    return contiguous_lm_head_input(model)
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_lm_head_input(model: PreTrainedModel) -> PreTrainedModel:
+    """Makes the LM head read a contiguous input. transformers hands it the hidden states sliced for
+    `logits_to_keep` (the response positions in scoring and training, the last position when sampling starts);
+    given that strided view, torch's linear falls back to a batched matmul over the weight expanded once per
+    sequence, which a CPU copies in 16 bits: for SmolLM2 in bf16, 8 sequences cost 0.42 GiB and 1.1 s per forward
+    against 0.15 s on a contiguous copy of the slice (the same values)."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+    return model
 
 
 def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:

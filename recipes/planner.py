@@ -750,15 +750,6 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         dtype = "fp32" if bytes_per_value == 4 else "16-bit"
         return Item.in_pieces(f"{what}, {dtype}{f' ×{copies}' if copies > 1 else ''} {shape}", copies * size, size)
 
-    def lm_head_copies(rows: int) -> list[Item]:
-        """torch's CPU matmul in 16 bits over the sliced [rows, positions, hidden] input the LM head gets from
-        `logits_to_keep` falls back to a batched matmul that copies the weight once per row."""
-        if not cpu or act_bytes != 2:
-            return []
-        size = rows * vocab * arch.hidden_size * 2
-        label = f"LM head weight copied per sequence by torch's CPU 16-bit matmul (×{rows})"
-        return [Item.in_pieces(label, size, size)]
-
     def kv_cache(rows: int) -> Item:
         per_layer = rows * seq * arch.kv_dim * act_bytes
         return Item.in_pieces(f"KV cache [{rows} seqs × {seq} tokens]", 2 * arch.num_layers * per_layer, per_layer)
@@ -813,7 +804,7 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         # flattened copies; on a CPU they stay in the heap.
         plan.static.append(Item("copies of DDP's first broadcast of the weights, kept by the allocator", whole_trained))
 
-    plan.phases["generation"] = [kv_cache(chunk), *lm_head_copies(chunk), *sampling_weights]
+    plan.phases["generation"] = [kv_cache(chunk), *sampling_weights]
 
     # Scoring, chunk by chunk: one forward of the trained module gives the policy's logits (and the values); the
     # reference's logits follow while the policy's are still referenced, then each is read in fp32.
@@ -821,14 +812,13 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         logits(chunk, "policy logits at the response positions"),
         logits(chunk, "reference logits at the response positions"),
         logits(chunk, "temperature-scaled copy and log-softmax temporaries", response, 4, SCORING_FP32_COPIES),
-        *lm_head_copies(chunk),
     ]
     if policy in trained and not any(m.role == "value" for m in models):
         # The value head reads the last of the hidden states the policy's forward returns, every layer's.
         hidden = (arch.num_layers + 1) * chunk * seq * arch.hidden_size * act_bytes
         per_layer = hidden // (arch.num_layers + 1)
         forward = [Item.in_pieces(f"hidden states of every layer (value head) [{chunk} × {seq}]", hidden, per_layer),
-                   logits(chunk, "policy logits at the response positions"), *lm_head_copies(chunk)]  # fmt: skip
+                   logits(chunk, "policy logits at the response positions")]  # fmt: skip
         if sum(i.size for i in forward) > sum(i.size for i in reading):
             reading = forward
     plan.phases["scoring"] = [*reading, *gather, *reward_gather]
@@ -856,7 +846,6 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
         label = f"{model.role} activations ({micro} seqs × {seq} tokens{', checkpointed' if checkpointing else ''})"
         training_items.append(Item.in_pieces(label, tokens * kept, piece))
     training_items.append(logits(micro, "policy logits at the response positions", response, 4, TRAINING_LOGITS_COPIES))
-    training_items += lm_head_copies(micro)
     if not deepspeed and (cpu or strategy == "fsdp"):
         # The trainable weights and optimizer state copied before the first step, so that a non-finite update can be
         # undone (DeepSpeed checks the loss before its steps instead): in host memory, on the device under FSDP.
@@ -871,11 +860,10 @@ def plan_memory(recipe: Recipe, parallel: Parallelism) -> MemoryPlan:
 
     if training.eval_every_updates:
         rows = training.per_device_eval_batch_size
-        sampling = [kv_cache(rows), *lm_head_copies(rows), *sampling_weights]
+        sampling = [kv_cache(rows), *sampling_weights]
         reading = [
             logits(rows, "one model's logits at the response positions"),
             logits(rows, "temperature-scaled copy and log-softmax temporaries", response, 4, SCORING_FP32_COPIES),
-            *lm_head_copies(rows),
             *sampling_weights,
         ]
         plan.phases["evaluation"] = max(sampling, reading, key=lambda items: sum(i.size for i in items))

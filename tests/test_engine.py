@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_recipe_flags
 
 from recipes import parse_recipe
+from recipes.config import ModelArguments
 from recipes.data import collate_prompts, load_prompts
 from recipes.generation import forward_inputs
-from recipes.models import load_ppo_models, load_tokenizer
+from recipes.models import load_policy, load_ppo_models, load_tokenizer
 from recipes.ppo.config import plan_batches
 from recipes.ppo.distributed import AdapterDisabled
 from recipes.ppo.model import ValueHead
@@ -166,3 +167,19 @@ def test_update_with_a_non_finite_loss_part_way_is_undone(tiny_models, prompt_fi
         if parameter.requires_grad:
             torch.testing.assert_close(parameter, trained[name], rtol=0, atol=0, msg=name)
     assert trainer.optimizer.state_dict()["state"] == {}  # the two steps' Adam moments are gone too
+
+
+def test_the_lm_head_reads_a_contiguous_input(tiny_models):
+    """transformers hands the LM head the hidden states sliced for `logits_to_keep`; the kit's models give it a
+    contiguous copy (on a strided slice torch's CPU 16-bit matmul copies the head's weight once per sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    def seen_by_the_head(model) -> list[bool]:
+        seen = []
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        logits = model(torch.ones(2, 6, dtype=torch.long), logits_to_keep=3).logits
+        assert logits.shape[1] == 3
+        return seen
+
+    assert seen_by_the_head(AutoModelForCausalLM.from_pretrained(tiny_models["policy"])) == [False]
+    assert seen_by_the_head(load_policy(ModelArguments(model_name_or_path=str(tiny_models["policy"])))) == [True]
