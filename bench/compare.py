@@ -76,6 +76,7 @@ def train(method: Method, seed: int, run_dir: Path, group: str) -> dict:
         print(f"{method.name}, seed {seed}: reusing {run_dir.relative_to(KIT_ROOT)}", flush=True)
         return json.loads(timing_file.read_text())
     print(f"{method.name}, seed {seed}: training ...", flush=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # the run's log goes beside its folder
     python = str(KIT_ROOT / ".venv" / "bin" / "python")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     os.environ["WANDB_RUN_GROUP"] = group  # W&B shows the group's runs side by side
