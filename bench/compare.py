@@ -158,6 +158,10 @@ def markdown(results: dict) -> str:
         cpus = [t["cpu_seconds"] / 60 for t in method["timing"]]
         cells += [method["timing"][0]["completions_sampled"], mean_std(walls, "{:.1f}"), mean_std(cpus, "{:.1f}")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    left_out = [m.name for m in METHODS if m.name not in results["methods"]]
+    if left_out:
+        lines += ["", f"Not run in this measurement: {', '.join(left_out)} (`make compare` runs them and reuses the "
+                  "finished runs)."]
     lines += [
         "",
         "Curves along each run (first seed; its checkpoints, then the final policy): `bench/compare.png`, gold and "
@@ -220,10 +224,9 @@ def main() -> None:
         results["reference"] = reference_row(results["methods"][method.name]["finals"][0])
     out = KIT_ROOT / "bench"
     (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
-    if set(args.methods) == {m.name for m in METHODS}:
-        (out / "COMPARE.md").write_text(markdown(results))
-        plot(results, out / "compare.png")
-        print((out / "COMPARE.md").read_text())
+    (out / "COMPARE.md").write_text(markdown(results))
+    plot(results, out / "compare.png")
+    print((out / "COMPARE.md").read_text())
 
 
 if __name__ == "__main__":
