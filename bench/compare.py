@@ -29,10 +29,8 @@ from pathlib import Path
 KIT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(KIT_ROOT))
 
-from bench.ppo_bench import run  # noqa: E402
+from bench.ppo_bench import EVAL_RECIPE, REWARD_MODEL, run  # noqa: E402
 
-EVAL_RECIPE = "configs/smollm2-135m/eval.yaml"
-REWARD_MODEL = "outputs/smollm2-135m/reward_model"
 PREFERENCES = "outputs/smollm2-135m/preferences"
 PROXY = Path(REWARD_MODEL).name
 LAUNCH = ["-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu.yaml"]

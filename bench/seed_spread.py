@@ -22,11 +22,8 @@ from pathlib import Path
 KIT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(KIT_ROOT))
 
-from bench.ppo_bench import run  # noqa: E402
+from bench.ppo_bench import EVAL_RECIPE, RECIPE, REWARD_MODEL, run  # noqa: E402
 
-RECIPE = "configs/smollm2-135m/ppo.yaml"
-EVAL_RECIPE = "configs/smollm2-135m/eval.yaml"
-REWARD_MODEL = "outputs/smollm2-135m/reward_model"
 PROXY = Path(REWARD_MODEL).name
 # (column, eval_results.json key, format)
 COLUMNS = [
