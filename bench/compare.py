@@ -30,6 +30,7 @@ KIT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(KIT_ROOT))
 
 from bench.ppo_bench import EVAL_RECIPE, REWARD_MODEL, run  # noqa: E402
+from recipes.evaluation import RESULTS_FILE, SWEEP_FILE  # noqa: E402
 
 PREFERENCES = "outputs/smollm2-135m/preferences"
 PROXY = Path(REWARD_MODEL).name
@@ -52,7 +53,8 @@ class Method:
     def checkpoints(self, run_dir: Path) -> list[Path]:
         """The policies saved along the run, oldest first (the final one is the run folder itself)."""
         patterns = {"ppo": "checkpoints/update-*", "raft": "rounds/round-*"}
-        return sorted(path for path in run_dir.glob(patterns.get(self.name, "checkpoint-*")) if path.is_dir())
+        folders = [path for path in run_dir.glob(patterns.get(self.name, "checkpoint-*")) if path.is_dir()]
+        return sorted(folders, key=lambda path: int(path.name.rsplit("-", 1)[1]))  # checkpoint-32 before -128
 
 
 METHODS = [
@@ -91,16 +93,31 @@ def train(method: Method, seed: int, run_dir: Path, group: str) -> dict:
 
 
 def evaluate(policies: list[Path], eval_dir: Path) -> dict[str, dict]:
-    """One evaluation of all `policies` against the same reference (its side computed once): {policy path: row}."""
-    sweep = eval_dir / ("sweep.jsonl" if len(policies) > 1 else "eval_results.json")
-    if not sweep.is_file():
-        print(f"evaluating {len(policies)} policies ...", flush=True)
+    """Evaluates `policies` against the same reference (its side computed once per evaluation): {policy path: row}.
+    Policies an earlier `make compare` evaluated (same reference, prompts and seed: the same reference figures) are
+    read back; the others (e.g. the seeds added since) are evaluated together in a new part-<n> folder."""
+    rows = evaluated_rows(eval_dir)
+    missing = [path for path in policies if str(path) not in rows]
+    if missing:
+        part = eval_dir / f"part-{len(list(eval_dir.glob('part-*'))) + 1}" if rows else eval_dir
+        print(f"evaluating {len(missing)} policies ...", flush=True)
         python = str(KIT_ROOT / ".venv" / "bin" / "python")
-        run([python, "scripts/evaluate.py", "--config", EVAL_RECIPE, "--checkpoints", *map(str, policies),
-             "--reward_models", REWARD_MODEL, "--output_dir", str(eval_dir), "--overwrite_output_dir", "true",
-             "--report_to", "none"], eval_dir.parent / f"{eval_dir.name}.log")  # fmt: skip
-    lines = sweep.read_text().splitlines() if sweep.name.endswith(".jsonl") else [sweep.read_text()]
-    return {row["policy"]: row for row in map(json.loads, filter(None, lines))}
+        run([python, "scripts/evaluate.py", "--config", EVAL_RECIPE, "--checkpoints", *map(str, missing),
+             "--reward_models", REWARD_MODEL, "--output_dir", str(part), "--overwrite_output_dir", "true",
+             "--report_to", "none"], part.parent / f"{part.name}.log")  # fmt: skip
+        rows = evaluated_rows(eval_dir)
+    return rows
+
+
+def evaluated_rows(eval_dir: Path) -> dict[str, dict]:
+    """The rows of every finished evaluation under `eval_dir` (a folder with its eval_results.json: the rows of its
+    sweep.jsonl when it evaluated several policies, else that one row), by policy path."""
+    rows = {}
+    for results in sorted(eval_dir.rglob(RESULTS_FILE)):
+        sweep = results.parent / SWEEP_FILE
+        lines = sweep.read_text().splitlines() if sweep.is_file() else [results.read_text()]
+        rows.update((row["policy"], row) for row in map(json.loads, filter(None, lines)))
+    return rows
 
 
 # -- the report --------------------------------------------------------------------------------------------------

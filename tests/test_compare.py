@@ -51,3 +51,28 @@ def test_every_method_has_a_recipe_and_a_script():
 
     for method in METHODS:
         assert (REPO_ROOT / method.recipe).is_file() and (REPO_ROOT / method.script).is_file(), method.name
+
+
+def test_checkpoints_are_in_training_order(tmp_path):
+    rloo = next(method for method in METHODS if method.name == "rloo")
+    for step in (128, 32, 96, 64):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert [path.name for path in rloo.checkpoints(tmp_path)] == [f"checkpoint-{n}" for n in (32, 64, 96, 128)]
+
+
+def test_evaluations_of_earlier_runs_are_read_back(tmp_path):
+    """A sweep of the first seed's checkpoints, then a later part with the seeds added since: every policy's row."""
+    import json
+
+    from bench.compare import evaluated_rows
+
+    sweep_rows = [{"policy": "run/checkpoint-32", "kl/k1/mean": 1.0}, {"policy": "run/seed-42", "kl/k1/mean": 2.0}]
+    (tmp_path / "sweep.jsonl").write_text("".join(json.dumps(row) + "\n" for row in sweep_rows))
+    (tmp_path / "eval_results.json").write_text(json.dumps(sweep_rows[-1]))
+    (tmp_path / "part-2").mkdir()
+    (tmp_path / "part-2" / "eval_results.json").write_text(json.dumps({"policy": "run/seed-43", "kl/k1/mean": 3.0}))
+    (tmp_path / "killed").mkdir()  # an evaluation stopped before writing its results adds nothing
+    rows = evaluated_rows(tmp_path)
+    assert {policy: row["kl/k1/mean"] for policy, row in rows.items()} == {
+        "run/checkpoint-32": 1.0, "run/seed-42": 2.0, "run/seed-43": 3.0,
+    }  # fmt: skip
