@@ -68,11 +68,16 @@ METHODS = [
 ]
 
 
+def finished(run_dir: Path) -> bool:
+    """A run that saved its policy and then its timing (written last)."""
+    return (run_dir / "timing.json").is_file() and (run_dir / "adapter_config.json").is_file()
+
+
 def train(method: Method, seed: int, run_dir: Path, group: str) -> dict:
     """Runs the method's recipe with `seed` into `run_dir` unless a finished run is there; returns its wall and CPU
     seconds (those of the first run, kept beside it in timing.json)."""
     timing_file = run_dir / "timing.json"
-    if timing_file.is_file() and (run_dir / "adapter_config.json").is_file():
+    if finished(run_dir):
         print(f"{method.name}, seed {seed}: reusing {run_dir.relative_to(KIT_ROOT)}", flush=True)
         return json.loads(timing_file.read_text())
     print(f"{method.name}, seed {seed}: training ...", flush=True)
@@ -150,7 +155,7 @@ def mean_std(values: list[float], fmt: str) -> str:
 def markdown(results: dict) -> str:
     reference = results["reference"]
     seeds = results["seeds"]
-    header = ["method", *(name for name, _, _ in COLUMNS), "completions sampled", "wall min", "CPU min"]
+    header = ["method", "seeds", *(name for name, _, _ in COLUMNS), "completions sampled", "wall min", "CPU min"]
     lines = [
         "# PPO beside its rivals on the default task",
         "",
@@ -162,7 +167,7 @@ def markdown(results: dict) -> str:
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
-        "| reference (SmolLM2-135M-Instruct) | " + " | ".join(
+        "| reference (SmolLM2-135M-Instruct) | | " + " | ".join(
             fmt.format(reference[key]) if key in reference else "" for _, key, fmt in COLUMNS
         ) + " | | | |",
     ]  # fmt: skip
@@ -172,10 +177,14 @@ def markdown(results: dict) -> str:
         walls = [t["wall_seconds"] / 60 for t in method["timing"]]
         cpus = [t["cpu_seconds"] / 60 for t in method["timing"]]
         cells += [method["timing"][0]["completions_sampled"], mean_std(walls, "{:.1f}"), mean_std(cpus, "{:.1f}")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    left_out = [m.name for m in METHODS if m.name not in results["methods"]]
+        lines.append(f"| {name} | {', '.join(map(str, method.get('seeds', seeds)))} | " + " | ".join(cells) + " |")
+    left_out = []
+    for name in (m.name for m in METHODS):
+        done = results["methods"][name].get("seeds", seeds) if name in results["methods"] else []
+        if missing := [seed for seed in seeds if seed not in done]:
+            left_out.append(f"{name} (seed {', '.join(map(str, missing))})")
     if left_out:
-        lines += ["", f"Not run in this measurement: {', '.join(left_out)} (`make compare` runs them and reuses the "
+        lines += ["", f"Not run in this measurement: {'; '.join(left_out)} (`make compare` runs them and reuses the "
                   "finished runs)."]
     lines += [
         "",
@@ -217,6 +226,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], default=[m.name for m in METHODS])
     parser.add_argument("--workdir", default="outputs/compare")
+    parser.add_argument("--finished_only", action="store_true",
+                        help="train nothing: evaluate and report the runs already finished, naming those missing")
     args = parser.parse_args()
     for needed in (REWARD_MODEL + "/config.json", PREFERENCES + "/train.jsonl"):
         if not (KIT_ROOT / needed).is_file():
@@ -227,11 +238,15 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "seeds": args.seeds,
                "methods": {}}  # fmt: skip
     for method in methods:
-        run_dirs = [workdir / method.name / f"seed-{seed}" for seed in args.seeds]
-        timing = [train(method, seed, run_dir, group) for seed, run_dir in zip(args.seeds, run_dirs)]
+        seeds = [seed for seed in args.seeds if not args.finished_only or finished(workdir / method.name / f"seed-{seed}")]
+        if not seeds:
+            continue
+        run_dirs = [workdir / method.name / f"seed-{seed}" for seed in seeds]
+        timing = [train(method, seed, run_dir, group) for seed, run_dir in zip(seeds, run_dirs)]
         along = method.checkpoints(run_dirs[0])  # the curve: the first seed's checkpoints, then its final policy
         rows = evaluate([*along, *run_dirs], workdir / method.name / "eval")
         results["methods"][method.name] = {
+            "seeds": seeds,
             "timing": timing,
             "finals": [rows[str(path)] for path in run_dirs],
             "curve": [rows[str(path)] for path in [*along, run_dirs[0]]],

@@ -36,7 +36,7 @@ def test_table_gives_each_method_its_mean_and_spread_over_seeds():
     assert "| 0.500 ± 0.000 | 0.800 ± 0.141 | 4.00 ± 1.41 |" in lines["dpo"]
     # The reference: its own gold, proxy, EOS rate and perplexity; KL 0 and win-rate 0.5 by definition.
     assert lines["reference (SmolLM2-135M-Instruct)"].startswith(
-        "| reference (SmolLM2-135M-Instruct) | 0.400 | 0.300 | 0.00 | 0.50 | 0.07 | 0.41 | 4.70 |"
+        "| reference (SmolLM2-135M-Instruct) | | 0.400 | 0.300 | 0.00 | 0.50 | 0.07 | 0.41 | 4.70 |"
     )
     assert re.search(r"seeds 42, 43", table)
 
@@ -76,3 +76,14 @@ def test_evaluations_of_earlier_runs_are_read_back(tmp_path):
     assert {policy: row["kl/k1/mean"] for policy, row in rows.items()} == {
         "run/checkpoint-32": 1.0, "run/seed-42": 2.0, "run/seed-43": 3.0,
     }  # fmt: skip
+
+
+def test_table_names_the_runs_not_made():
+    """A method finished for some seeds only (make compare --finished_only) reports those, and the rest are named."""
+    results = constructed()
+    dpo = results["methods"]["dpo"]
+    dpo.update(seeds=[42], timing=dpo["timing"][:1], finals=dpo["finals"][:1])
+    table = markdown(results)
+    assert "| dpo | 42 | 0.500 | 0.700 | 3.00 |" in table
+    assert "| ppo | 42, 43 | 0.700 ± 0.141 |" in table
+    assert "Not run in this measurement: rloo (seed 42, 43); grpo (seed 42, 43); dpo (seed 43); raft (seed 42, 43)" in table
