@@ -68,7 +68,8 @@ seeds: model
 
 # PPO beside RLOO, GRPO, DPO and RAFT on the default task, same prompts, reward model, budget and evaluation, for
 # several seeds (not a test): writes bench/compare.json, bench/COMPARE.md and bench/compare.png.
-# Finished runs are reused; COMPARE_FLAGS=--finished_only reports those alone (about 2 hours for all on 2 cores).
+# Finished runs are reused; COMPARE_FLAGS=--finished_only reports those alone (all of them: about 3 hours on 2
+# cores, half of it DPO).
 COMPARE_FLAGS ?=
 compare: model
 	test -f outputs/smollm2-135m/reward_model/config.json || $(MAKE) reward-model DEMO_OUT=outputs/smollm2-135m

@@ -182,7 +182,7 @@ def markdown(results: dict) -> str:
     for name in (m.name for m in METHODS):
         done = results["methods"][name].get("seeds", seeds) if name in results["methods"] else []
         if missing := [seed for seed in seeds if seed not in done]:
-            left_out.append(f"{name} (seed {', '.join(map(str, missing))})")
+            left_out.append(f"{name} (seed{'s' * (len(missing) > 1)} {', '.join(map(str, missing))})")
     if left_out:
         lines += ["", f"Not run in this measurement: {'; '.join(left_out)} (`make compare` runs them and reuses the "
                   "finished runs)."]
