@@ -104,13 +104,14 @@ def evaluate(policies: list[Path], eval_dir: Path) -> dict[str, dict]:
     rows = evaluated_rows(eval_dir)
     missing = [path for path in policies if str(path) not in rows]
     if missing:
-        part = eval_dir / f"part-{len(list(eval_dir.glob('part-*'))) + 1}" if rows else eval_dir
+        parts = [path for path in eval_dir.glob("part-*") if path.is_dir()]  # not their part-<n>.log beside them
+        part = eval_dir / f"part-{len(parts) + 1}" if rows else eval_dir
         print(f"evaluating {len(missing)} policies ...", flush=True)
         python = str(KIT_ROOT / ".venv" / "bin" / "python")
         run([python, "scripts/evaluate.py", "--config", EVAL_RECIPE, "--checkpoints", *map(str, missing),
              "--reward_models", REWARD_MODEL, "--output_dir", str(part), "--overwrite_output_dir", "true",
              "--report_to", "none"], part.parent / f"{part.name}.log")  # fmt: skip
-        rows = evaluated_rows(eval_dir)
+        rows.update(evaluated_rows(part))
     return rows
 
 
@@ -238,10 +239,11 @@ def main() -> None:
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores", "seeds": args.seeds,
                "methods": {}}  # fmt: skip
     for method in methods:
-        seeds = [seed for seed in args.seeds if not args.finished_only or finished(workdir / method.name / f"seed-{seed}")]
+        run_dir_of = {seed: workdir / method.name / f"seed-{seed}" for seed in args.seeds}
+        seeds = [seed for seed, run_dir in run_dir_of.items() if not args.finished_only or finished(run_dir)]
         if not seeds:
             continue
-        run_dirs = [workdir / method.name / f"seed-{seed}" for seed in seeds]
+        run_dirs = [run_dir_of[seed] for seed in seeds]
         timing = [train(method, seed, run_dir, group) for seed, run_dir in zip(seeds, run_dirs)]
         along = method.checkpoints(run_dirs[0])  # the curve: the first seed's checkpoints, then its final policy
         rows = evaluate([*along, *run_dirs], workdir / method.name / "eval")

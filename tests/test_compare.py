@@ -86,4 +86,6 @@ def test_table_names_the_runs_not_made():
     table = markdown(results)
     assert "| dpo | 42 | 0.500 | 0.700 | 3.00 |" in table
     assert "| ppo | 42, 43 | 0.700 ± 0.141 |" in table
-    assert "Not run in this measurement: rloo (seeds 42, 43); grpo (seeds 42, 43); dpo (seed 43); raft (seeds 42, 43)" in table
+    assert (
+        "Not run in this measurement: rloo (seeds 42, 43); grpo (seeds 42, 43); dpo (seed 43); raft (seeds 42, 43)"
+    ) in table
